@@ -1,0 +1,48 @@
+"""The algorithm protocol: a per-step gradient hook, a local phase and an apply phase.
+
+Each round the trainer runs ``inner_steps`` inner steps on every worker, calling
+:meth:`Algorithm.on_gradients` after each backward (DDP averages gradients there), then
+``rows = algorithm.payload(group)`` (the local phase, ``[K_local, P]`` or ``None``),
+``update = exchange(rows)`` (codec, attack, collective, validation, aggregation: ``[P]``), and
+``algorithm.apply(group, update)``. An algorithm never talks to other workers itself: the
+exchange is injected, so the same code runs simulated and distributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from diloco.workers import WorkerGroup
+
+Exchange = Callable[[torch.Tensor], torch.Tensor]
+"""Reduces payload rows ``[K_local, P]`` from every worker to one fp32 update ``[P]``."""
+
+
+class Algorithm(Protocol):
+    """What the trainer needs from a synchronisation algorithm."""
+
+    name: str
+    inner_steps: int
+
+    def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
+        """Called after every backward, before clipping and the inner optimizer step."""
+        ...
+
+    def payload(self, group: WorkerGroup) -> torch.Tensor | None:
+        """Local phase at the end of a round: the rows to exchange, or None."""
+        ...
+
+    def apply(self, group: WorkerGroup, update: torch.Tensor | None) -> None:
+        """Apply phase: use the exchanged update; leave the global model current."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (e.g. outer optimizer)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        ...

@@ -1,0 +1,70 @@
+"""DiLoCo: local inner steps, then an outer optimizer step on the averaged pseudo-gradient.
+
+Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models",
+arXiv 2311.08455. Every ``H`` inner steps:
+
+    delta_i = theta_global - theta_i          (pseudo-gradient of worker i)
+    theta_global.grad = mean_i delta_i        (or any robust aggregate)
+    theta_global = OuterOpt.step()            (default Nesterov SGD, lr 0.7, momentum 0.9)
+    theta_i = theta_global                    (inner optimizer state is kept)
+
+Outer SGD with lr 1 and no momentum is FedAvg (McMahan et al. 2017); H=1 with inner SGD is
+data-parallel SGD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diloco.algorithms.base import Exchange
+from diloco.config import build_optimizer
+from diloco.workers import WorkerGroup
+
+
+def _nesterov() -> dict[str, Any]:
+    return {"_target_": "torch.optim.SGD", "lr": 0.7, "momentum": 0.9, "nesterov": True}
+
+
+class DiLoCo:
+    """DiLoCo with any ``torch.optim`` outer optimizer over the flat global parameters."""
+
+    @dataclass
+    class Config:
+        """``inner_steps`` is H; ``outer_optimizer`` is a ``_target_`` node (partial)."""
+
+        name: str = "diloco"
+        inner_steps: int = field(default=50, metadata={"ge": 1})
+        outer_optimizer: dict[str, Any] = field(default_factory=_nesterov)
+
+    def __init__(self, cfg: Config, group: WorkerGroup) -> None:
+        self.name = cfg.name
+        self.inner_steps = cfg.inner_steps
+        self.outer = build_optimizer(cfg.outer_optimizer, "algorithm.outer_optimizer")(
+            [group.global_param]
+        )
+
+    def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
+        """Inner steps are local: nothing to do."""
+
+    def payload(self, group: WorkerGroup) -> torch.Tensor:
+        """Pseudo-gradients ``theta_global - theta_i``, one row per worker."""
+        return group.global_param.data[None] - group.params
+
+    def apply(self, group: WorkerGroup, update: torch.Tensor | None) -> None:
+        """Outer step with the aggregated pseudo-gradient as ``.grad``; resync every worker."""
+        assert update is not None
+        assert group.global_param.grad is not None
+        group.global_param.grad.copy_(update)
+        self.outer.step()
+        group.broadcast_global()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The outer optimizer's state (e.g. Nesterov momentum)."""
+        return {"outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the outer optimizer's state."""
+        self.outer.load_state_dict(state["outer"])

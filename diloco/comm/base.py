@@ -1,0 +1,54 @@
+"""The communicator protocol and the textbook byte counts of its collectives.
+
+A communicator serves the ``K_local`` workers of one process. Payloads are row matrices
+``[K_local, ...]`` in global worker order; results are in fp32. Every collective adds the bytes
+each worker sends and receives to :attr:`Communicator.sent` / :attr:`Communicator.recv`
+(cumulative, one entry per global worker), so bytes are counted the same way whether the
+workers are simulated or real.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+def ring_allreduce_bytes(n: int, nbytes: float) -> float:
+    """Bytes each of ``n`` workers sends (and receives) in a ring all-reduce of ``nbytes``.
+
+    Reduce-scatter then all-gather, each ``n - 1`` steps of ``nbytes / n``: ``2 (n-1)/n d``.
+    """
+    return 2.0 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def allgather_bytes(n: int, nbytes: float) -> float:
+    """Bytes each of ``n`` workers receives in an all-gather of ``nbytes`` per worker: ``(n-1) d``.
+
+    In a ring all-gather each worker also forwards ``(n-1) d`` bytes, so sent equals received.
+    """
+    return float(n - 1) * nbytes
+
+
+class Communicator(Protocol):
+    """Collectives over the workers' payload rows, with byte accounting."""
+
+    num_workers: int
+    sent: torch.Tensor
+    recv: torch.Tensor
+
+    def all_reduce_mean(self, rows: torch.Tensor) -> torch.Tensor:
+        """Mean over all workers of ``rows`` ``[K_local, ...]`` -> ``[...]``."""
+        ...
+
+    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every worker's row, ``[K_local, ...]`` -> ``[K, ...]`` in global worker order."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Byte counters, for checkpoints."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore byte counters."""
+        ...

@@ -1,0 +1,112 @@
+"""Entry point: ``python -m diloco.train [overrides]`` (also the ``diloco-train`` script).
+
+Compose the config with Hydra, validate it, build the trainer, fit, write ``summary.json``.
+A bad config value or missing data exits with status 2 and one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from diloco import metrics as M
+from diloco.config import ConfigError, parse
+from diloco.data import DataError
+from diloco.trainer import Trainer
+
+log = logging.getLogger("diloco")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def git_sha() -> str:
+    """The source tree's commit, or "unknown"."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=CONF_DIR.parent, capture_output=True, text=True
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _loggers(
+    trainer: Trainer, resolved: dict[str, Any], overrides: list[str], resumed: bool
+) -> M.MultiLogger:
+    cfg = trainer.cfg
+    run_dir = trainer.run_dir
+    loggers: list[M.Logger] = [
+        M.JsonlLogger(run_dir / "metrics.jsonl", trainer.step if resumed else None),
+        M.ProgressLogger(cfg.train.steps, trainer.step, cfg.logger.progress),
+    ]
+    if cfg.logger.mode != "disabled":
+        run_config = {**resolved, "git_sha": git_sha(), "overrides": overrides}
+        loggers.append(M.WandbLogger(run_dir, cfg.logger, run_config))
+    return M.MultiLogger(loggers)
+
+
+def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Validate ``node``, train, and write ``summary.json`` into ``run_dir``."""
+    resolved: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+    cfg = parse(resolved)
+    trainer = Trainer(cfg, run_dir)
+    resumed = cfg.resume and trainer.maybe_resume()
+    logger = _loggers(trainer, resolved, list(overrides or []), resumed)
+    try:
+        summary = trainer.fit(logger)
+    finally:
+        logger.close()
+    summary.update(git_sha=git_sha(), run_dir=str(run_dir))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("summary (%s)\n%s", run_dir, M.format_table([summary], M.SUMMARY_COLUMNS))
+    return summary
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(node: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        return float(run(node, run_dir, list(hydra_cfg.overrides.task))["final_eval_loss"])
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+_GROUP_OVERRIDE = re.compile(r"^[+~]?([a-z_]+)=(.*)$")
+
+
+def check_groups(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject ``group=option`` overrides naming an option that does not exist, in one line."""
+    for arg in argv:
+        match = _GROUP_OVERRIDE.match(arg)
+        if not match or not (conf_dir / match[1]).is_dir():
+            continue
+        group, value = match[1], match[2]
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice and choice != "null" and choice not in options:
+                raise ConfigError(f"{group}={choice}", f"unknown; allowed: {', '.join(options)}")
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        check_groups(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

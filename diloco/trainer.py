@@ -1,0 +1,212 @@
+"""The round loop: workers run inner steps, the algorithm syncs them, everything is logged.
+
+One round, as data::
+
+    for each of H inner steps:
+        group.forward_backward(batches)         K_local workers, each on its own shard
+        algorithm.on_gradients(group, exchange) DDP averages gradients here
+        group.clip_grads; group.optimizer_step  inner optimizer (AdamW, SGD, ...)
+    rows = algorithm.payload(group)             local phase: e.g. pseudo-gradients [K, P]
+    update = exchange(rows)                     collective, bytes counted -> [P] fp32
+    algorithm.apply(group, update)              outer step; workers resync
+    eval, log, checkpoint
+
+The trainer is the only place that owns the run's state, so :meth:`Trainer.state_dict` is a
+whole checkpoint and a resumed run ends bitwise equal to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diloco import checkpoint
+from diloco import metrics as M
+from diloco.algorithms import Algorithm
+from diloco.comm import InProcessComm
+from diloco.config import Config, build, build_optimizer
+from diloco.data import Corpus, ShardSampler, eval_batches, load_corpus, shard_indices
+from diloco.workers import Batch, WorkerGroup, lr_multiplier
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Owns workers, algorithm, communicator and loggers for one run.
+
+    Args:
+        cfg: the validated config.
+        run_dir: where ``metrics.jsonl``, ``summary.json`` and checkpoints go.
+        corpus: a preloaded corpus (tests and sweeps reuse one); loaded from ``cfg.data``
+            when omitted.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.corpus = corpus if corpus is not None else load_corpus(cfg.data)
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device)
+        model = build(
+            cfg.model, "model", vocab_size=self.corpus.vocab_size, block_size=cfg.data.seq_len
+        ).to(self.device)
+        worker_ids = list(range(cfg.workers.count))
+        self.group = WorkerGroup(model, worker_ids, build_optimizer(cfg.optimizer, "optimizer"))
+        self.algorithm: Algorithm = build(cfg.algorithm, "algorithm", self.group)
+        self.comm = InProcessComm(cfg.workers.count)
+        shards = shard_indices(
+            self.corpus, cfg.workers.count, cfg.data.shard, cfg.seed, cfg.data.dirichlet_alpha
+        )
+        self.samplers = [
+            ShardSampler(self.corpus.train, shards[i], cfg.train.batch_size, cfg.seed, i)
+            for i in worker_ids
+        ]
+        self.eval_set = [
+            self._to_device(b)
+            for b in eval_batches(self.corpus, cfg.train.batch_size, cfg.train.eval_batches)
+        ]
+        self.step = 0
+        self.round = 0
+        self.wall_s = 0.0
+        self.last_eval: float = float("nan")
+        self.ckpt_path = self.run_dir / checkpoint.FILENAME
+
+    def _to_device(self, batch: Batch) -> Batch:
+        x, y = batch
+        return x.to(self.device), y.to(self.device)
+
+    # -- the exchange pipeline --------------------------------------------------------------
+
+    def exchange(self, rows: torch.Tensor) -> torch.Tensor:
+        """Reduce payload rows ``[K, P]`` to one fp32 update ``[P]`` (ring all-reduce mean)."""
+        return self.comm.all_reduce_mean(rows)
+
+    # -- one round ----------------------------------------------------------------------------
+
+    def _inner_step(self) -> dict[str, float]:
+        tc = self.cfg.train
+        batches = [self._to_device(s.next_batch()) for s in self.samplers]
+        losses = self.group.forward_backward(batches)
+        self.algorithm.on_gradients(self.group, self.exchange)
+        norms = self.group.clip_grads(tc.grad_clip)
+        mult = lr_multiplier(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+        self.group.optimizer_step(mult)
+        self.step += 1
+        lr = self.group.optimizers[0].param_groups[0]["lr"]
+        return {M.TRAIN_LOSS: losses.mean().item(), M.TRAIN_GRAD_NORM: norms.mean().item(),
+                M.TRAIN_LR: lr}  # fmt: skip
+
+    def _sync(self) -> None:
+        rows = self.algorithm.payload(self.group)
+        update = self.exchange(rows) if rows is not None else None
+        self.algorithm.apply(self.group, update)
+        self.round += 1
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss of the global model on the held-out batches."""
+        model = self.group.global_model
+        was_training = model.training
+        model.eval()
+        total = sum(model(x, y)[1].item() * x.shape[0] for x, y in self.eval_set)
+        model.train(was_training)
+        return total / sum(x.shape[0] for x, _ in self.eval_set)
+
+    def _comm_metrics(self) -> dict[str, float]:
+        return {
+            M.BYTES_SENT: self.comm.sent.mean().item(),
+            M.BYTES_RECV: self.comm.recv.mean().item(),
+        }
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def fit(self, logger: M.Logger | None = None) -> dict[str, Any]:
+        """Train to ``train.steps`` inner steps per worker; returns the summary dict."""
+        tc = self.cfg.train
+        logger = logger or M.MultiLogger([])
+        h = self.algorithm.inner_steps
+        tokens_per_step = tc.batch_size * self.cfg.data.seq_len
+        start = time.perf_counter() - self.wall_s
+        while self.step < tc.steps:
+            n = min(h, tc.steps - self.step)
+            for _ in range(n):
+                row = self._inner_step()
+                if self.step % tc.log_every == 0 and self.step % h != 0:
+                    logger.log(row, self.step)
+            self._sync()
+            self.wall_s = time.perf_counter() - start
+            row.update(self._comm_metrics())
+            row.update({M.ROUND: self.round, M.TOKENS: self.step * tokens_per_step,
+                        M.WALL_S: self.wall_s})  # fmt: skip
+            if self.step // tc.eval_every > (self.step - n) // tc.eval_every or (
+                self.step >= tc.steps
+            ):
+                self.last_eval = self.evaluate()
+                row[M.EVAL_LOSS] = self.last_eval
+            if self.step % tc.log_every < n or M.EVAL_LOSS in row or self.step >= tc.steps:
+                logger.log(row, self.step)
+            every = self.cfg.checkpoint.every
+            if every and (self.round % every == 0 or self.step >= tc.steps):
+                checkpoint.save(self.state_dict(), self.ckpt_path)
+        if self.step == 0 or self.last_eval != self.last_eval:
+            self.last_eval = self.evaluate()
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """The run's headline numbers (written to ``summary.json``)."""
+        return {
+            "algorithm": self.algorithm.name,
+            "workers": self.cfg.workers.count,
+            "inner_steps": self.algorithm.inner_steps,
+            "steps": self.step,
+            "rounds": self.round,
+            "params": self.group.num_params,
+            "tokens_per_worker": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len,
+            "final_eval_loss": self.last_eval,
+            "comm_bytes_per_worker": self.comm.sent.mean().item(),
+            "comm_bytes_total": self.comm.sent.sum().item(),
+            "wall_time_s": self.wall_s,
+        }
+
+    # -- checkpointing ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly."""
+        return {
+            "step": self.step,
+            "round": self.round,
+            "wall_s": self.wall_s,
+            "last_eval": self.last_eval,
+            "group": self.group.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
+            "comm": self.comm.state_dict(),
+            "samplers": [s.state_dict() for s in self.samplers],
+            "rng": checkpoint.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.step = state["step"]
+        self.round = state["round"]
+        self.wall_s = state["wall_s"]
+        self.last_eval = state["last_eval"]
+        self.group.load_state_dict(state["group"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.comm.load_state_dict(state["comm"])
+        for sampler, s in zip(self.samplers, state["samplers"], strict=True):
+            sampler.load_state_dict(s)
+        checkpoint.set_rng_state(state["rng"])
+
+    def maybe_resume(self) -> bool:
+        """Load the run dir's checkpoint if there is one; True when resumed."""
+        if not self.ckpt_path.exists():
+            log.info("resume: no checkpoint in %s, starting from scratch", self.run_dir)
+            return False
+        self.load_state_dict(checkpoint.load(self.ckpt_path))
+        log.info("resumed from %s at step %d (round %d)", self.ckpt_path, self.step, self.round)
+        return True

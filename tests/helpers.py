@@ -1,0 +1,51 @@
+"""Shared test fixtures: compose configs from conf/ and build small corpora."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from diloco.config import Config, parse
+from diloco.data import ByteTokenizer, Corpus
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+
+
+def make_config(*overrides: str) -> Config:
+    """Compose conf/ with overrides (as the CLI would) and validate it."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        node = compose("config", overrides=list(overrides))
+    return parse(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
+
+
+def synthetic_corpus(seq_len: int = 16, n_train: int = 256, n_eval: int = 16) -> Corpus:
+    """A learnable byte corpus: sequences of a repeating pattern with random offsets."""
+    g = torch.Generator().manual_seed(1234)
+    period = 7
+    offsets = torch.randint(0, period, (n_train + n_eval, 1), generator=g)
+    pos = torch.arange(seq_len + 1)[None]
+    data = (97 + (pos + offsets) % period).long()
+    noise = torch.rand(data.shape, generator=g) < 0.1
+    data = torch.where(noise, torch.randint(97, 123, data.shape, generator=g), data)
+    return Corpus(
+        train=data[:n_train],
+        eval=data[n_train:],
+        vocab_size=256,
+        train_docs=torch.arange(n_train) // 32,
+        tokenizer=ByteTokenizer(),
+    )
+
+
+TINY = (
+    "model=mlp",
+    "data.seq_len=16",
+    "train.batch_size=4",
+    "train.eval_batches=2",
+    "train.warmup_steps=2",
+    "logger.mode=disabled",
+    "logger.progress=false",
+)

@@ -1,0 +1,167 @@
+"""The command line as a user runs it: one-line errors, experiments, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+QUIET = ("logger.mode=disabled", "logger.progress=false")
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240):
+    return subprocess.run(
+        [sys.executable, "-m", "diloco.train", *args],
+        cwd=REPO,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """A small text corpus: enough for a few hundred steps of a tiny GPT."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(4):
+        lines = [f"line {j} of document {i}: the quick brown fox jumps." for j in range(400)]
+        (folder / f"doc{i}.txt").write_text("\n".join(lines))
+    return folder
+
+
+def small_run(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.path={corpus_dir}",
+        f"data.cache_dir={corpus_dir.parent / 'cache'}",
+        "data.seq_len=32",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "train.batch_size=4",
+        "train.eval_batches=2",
+        "train.eval_every=40",
+        f"hydra.run.dir={run_dir}",
+        *QUIET,
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("algorithm.inner_steps=0", "algorithm.inner_steps=0: must be >= 1"),
+        ("workers.count=-2", "workers.count=-2: must be >= 1"),
+        ("algorithm=foo", "algorithm=foo: unknown; allowed: ddp, diloco, fedavg"),
+        ("train.steps=abc", "train.steps: got 'abc'; expected an integer"),
+        ("optimizer.lr=-1", "optimizer: Invalid learning rate: -1"),
+        ("data.path=/no/such/corpus", "/no/such/corpus"),
+    ],
+)
+def test_bad_config_exits_with_one_line(override, expected, tmp_path):
+    out = cli(override, f"hydra.run.dir={tmp_path}", *QUIET)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_debug_experiment_writes_metrics_summary_and_wandb_offline(tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "WANDB_MODE"}
+    out = cli("experiment=debug", "logger.mode=offline", f"hydra.run.dir={tmp_path}", env=env)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in (
+        "final_eval_loss",
+        "comm_bytes_per_worker",
+        "comm_bytes_total",
+        "tokens_per_worker",
+        "wall_time_s",
+        "algorithm",
+        "workers",
+        "inner_steps",
+    ):
+        assert key in summary
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 20 and "eval/loss" in rows[-1] and "comm/bytes_sent" in rows[-1]
+    assert any((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert "final_eval_loss" in out.stdout  # the console summary table
+
+
+def test_diloco_vs_ddp_experiment_prints_both(tmp_path):
+    out = cli(
+        "experiment=diloco_vs_ddp",
+        "model=mlp",
+        "train.steps=10",
+        "data.seq_len=32",
+        f"hydra.sweep.dir={tmp_path}",
+        *QUIET,
+    )
+    assert out.returncode == 0, out.stderr
+    summaries = sorted(
+        (json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")),
+        key=lambda s: s["algorithm"],
+    )
+    assert [s["algorithm"] for s in summaries] == ["ddp", "diloco"]
+    table = out.stdout.split("sweep")[-1]
+    assert "ddp" in table and "diloco" in table
+
+
+def _final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(corpus_dir, tmp_path):
+    common = ("workers.count=2", "algorithm.inner_steps=4", "train.steps=240", "checkpoint.every=1")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    out = cli(*small_run(corpus_dir, full, *common))
+    assert out.returncode == 0, out.stderr
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diloco.train", *small_run(corpus_dir, killed, *common)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (killed / "summary.json").exists(), "run finished before it could be killed"
+    assert _final_state(killed)["step"] < 240
+
+    out = cli(*small_run(corpus_dir, killed, *common, "resume=true"))
+    assert out.returncode == 0, out.stderr
+    a, b = _final_state(full), _final_state(killed)
+    assert a["step"] == b["step"] == 240
+    assert torch.equal(a["group"]["global"], b["group"]["global"])
+    assert torch.equal(a["group"]["params"], b["group"]["params"])
+    sa = json.loads((full / "summary.json").read_text())
+    sb = json.loads((killed / "summary.json").read_text())
+    assert sa["final_eval_loss"] == sb["final_eval_loss"]
+    assert sa["comm_bytes_total"] == sb["comm_bytes_total"]
+
+    def rows(d: Path) -> list[dict]:
+        lines = (d / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "time/wall_s"} for x in lines]
+
+    assert rows(full) == rows(killed)

@@ -1,0 +1,142 @@
+"""Equivalences of the core trainer: special cases of DiLoCo and DDP equal plain training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diloco.data import ShardSampler, shard_indices
+from diloco.models import TinyMLP
+from diloco.trainer import Trainer
+from diloco.workers import lr_multiplier, param_groups
+from tests.helpers import TINY, make_config, synthetic_corpus
+
+
+def plain_training(cfg, corpus, batches_per_step):
+    """Reference: one model, one optimizer, a standard torch loop over the given batches."""
+    torch.manual_seed(cfg.seed)
+    model = TinyMLP(corpus.vocab_size, cfg.data.seq_len, hidden=32, n_embd=16)
+    opt_cfg = {k: v for k, v in cfg.optimizer.items() if not k.startswith("_")}
+    opt = torch.optim.AdamW(param_groups(model), **opt_cfg)
+    base = [g["lr"] for g in opt.param_groups]
+    tc = cfg.train
+    for step, (x, y) in enumerate(batches_per_step):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        mult = lr_multiplier(step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+        for g, lr in zip(opt.param_groups, base, strict=True):
+            g["lr"] = lr * mult
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def worker_batches(cfg, corpus, k, steps):
+    """The batches worker ``k`` of ``cfg`` sees, step by step."""
+    shards = shard_indices(corpus, cfg.workers.count, cfg.data.shard, cfg.seed)
+    sampler = ShardSampler(corpus.train, shards[k], cfg.train.batch_size, cfg.seed, k)
+    return [sampler.next_batch() for _ in range(steps)]
+
+
+def test_diloco_k1_h1_outer_sgd1_equals_plain_training(tmp_path):
+    cfg = make_config(
+        *TINY,
+        "workers.count=1",
+        "algorithm.inner_steps=1",
+        "algorithm.outer_optimizer.lr=1.0",
+        "algorithm.outer_optimizer.momentum=0.0",
+        "algorithm.outer_optimizer.nesterov=false",
+        "train.steps=12",
+    )
+    corpus = synthetic_corpus()
+    trainer = Trainer(cfg, tmp_path, corpus)
+    trainer.fit()
+    expected = plain_training(cfg, corpus, worker_batches(cfg, corpus, 0, 12))
+    torch.testing.assert_close(trainer.group.global_param.data, expected, rtol=0, atol=1e-6)
+    assert trainer.comm.sent.sum() == 0  # one worker sends nothing
+
+
+def test_ddp_k_workers_equals_one_worker_with_k_times_batch(tmp_path):
+    k, steps = 3, 10
+    cfg = make_config(*TINY, "algorithm=ddp", f"workers.count={k}", f"train.steps={steps}")
+    corpus = synthetic_corpus()
+    trainer = Trainer(cfg, tmp_path, corpus)
+    trainer.fit()
+    per_worker = [worker_batches(cfg, corpus, i, steps) for i in range(k)]
+    big = [
+        (
+            torch.cat([per_worker[i][s][0] for i in range(k)]),
+            torch.cat([per_worker[i][s][1] for i in range(k)]),
+        )
+        for s in range(steps)
+    ]
+    expected = plain_training(cfg, corpus, big)
+    torch.testing.assert_close(trainer.group.global_param.data, expected, rtol=0, atol=1e-6)
+    # every replica stays identical to the global model
+    for row in trainer.group.params:
+        assert torch.equal(row, trainer.group.global_param.data)
+    # ring all-reduce of fp32 gradients every step: 2 (k-1)/k * 4P bytes per worker per step
+    expected_bytes = steps * 2 * (k - 1) / k * 4 * trainer.group.num_params
+    assert trainer.summary()["comm_bytes_per_worker"] == pytest.approx(expected_bytes, rel=1e-12)
+
+
+def test_fedavg_equals_diloco_with_outer_sgd_lr1_and_averages_workers(tmp_path):
+    common = (*TINY, "workers.count=3", "algorithm.inner_steps=4", "train.steps=8")
+    corpus = synthetic_corpus()
+    fedavg = Trainer(make_config(*common, "algorithm=fedavg"), tmp_path / "a", corpus)
+    diloco = Trainer(
+        make_config(
+            *common,
+            "algorithm.outer_optimizer.lr=1.0",
+            "algorithm.outer_optimizer.momentum=0.0",
+            "algorithm.outer_optimizer.nesterov=false",
+        ),
+        tmp_path / "b",
+        corpus,
+    )
+    # FedAvg's global model after a round is the mean of the workers' models
+    for _ in range(4):
+        fedavg._inner_step()
+    mean_of_workers = fedavg.group.params.mean(0)
+    fedavg._sync()
+    torch.testing.assert_close(fedavg.group.global_param.data, mean_of_workers, atol=1e-6, rtol=0)
+    fedavg.fit()
+    diloco.fit()
+    assert torch.equal(fedavg.group.global_param.data, diloco.group.global_param.data)
+    assert fedavg.summary()["algorithm"] == "fedavg"
+
+
+def test_diloco_bytes_are_h_times_fewer_than_ddp(tmp_path):
+    h, steps = 5, 20
+    corpus = synthetic_corpus()
+    common = (*TINY, "workers.count=4", f"train.steps={steps}")
+    ddp = Trainer(make_config(*common, "algorithm=ddp"), tmp_path / "a", corpus)
+    dil = Trainer(make_config(*common, f"algorithm.inner_steps={h}"), tmp_path / "b", corpus)
+    ddp_bytes = ddp.fit()["comm_bytes_per_worker"]
+    dil_bytes = dil.fit()["comm_bytes_per_worker"]
+    assert ddp_bytes == h * dil_bytes > 0
+
+
+def test_diloco_workers_resync_and_keep_inner_state(tmp_path):
+    cfg = make_config(*TINY, "workers.count=2", "algorithm.inner_steps=3", "train.steps=6")
+    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    for _ in range(3):
+        trainer._inner_step()
+    assert not torch.equal(trainer.group.params[0], trainer.group.params[1])
+    trainer._sync()
+    for row in trainer.group.params:
+        assert torch.equal(row, trainer.group.global_param.data)
+    state = trainer.group.optimizers[0].state_dict()["state"]
+    assert state and all(int(s["step"]) == 3 for s in state.values())
+    # Nesterov momentum is kept between rounds
+    assert trainer.algorithm.state_dict()["outer"]["state"]
+
+
+def test_training_reduces_eval_loss(tmp_path):
+    cfg = make_config(*TINY, "workers.count=2", "algorithm.inner_steps=5", "train.steps=60")
+    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    before = trainer.evaluate()
+    after = trainer.fit()["final_eval_loss"]
+    assert after < before - 1.0
