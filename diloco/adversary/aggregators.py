@@ -1,0 +1,413 @@
+"""Robust aggregators: reduce payload rows ``[n, P]`` (one per worker) to one fp32 update ``[P]``.
+
+Every aggregator is called as ``agg(rows, weights=None)``. Weights scale a row's share in the
+averaging steps only; the selection steps (trimming, Krum scores, nearest neighbours, buckets)
+count rows, so a worker cannot buy its way past a filter with a large weight. ``f`` is the
+number of Byzantine rows tolerated; rules that need ``n > 2f`` check it at call time and raise
+``ValueError`` naming ``f`` and ``n``. Stateful rules (:class:`CenteredClipping`,
+:class:`Bucketing`) carry their state in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from diloco.config import ConfigError, from_dict
+
+C = TypeVar("C")
+
+
+def configure(cls: type[C], cfg: C | None, kwargs: dict[str, Any], key: str) -> C:
+    """Validate ``cfg`` (or build it from keyword arguments) against ``cls``'s declared bounds."""
+    if cfg is not None and kwargs:
+        raise TypeError(f"{key}: pass a Config or keyword arguments, not both")
+    if cfg is not None:
+        kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
+    return from_dict(cls, kwargs, key)
+
+
+def _check_f(f: int, n: int) -> None:
+    if n <= 2 * f:
+        raise ValueError(f"f={f} needs n > 2f rows, got n={n}")
+
+
+def _wmean(rows: Tensor, w: Tensor | None) -> Tensor:
+    return rows.mean(0) if w is None else (w @ rows) / w.sum()
+
+
+def _sq_dists(rows: Tensor) -> Tensor:
+    """Pairwise squared Euclidean distances ``[n, n]`` (direct differences, not the Gram trick)."""
+    d = torch.cdist(rows[None], rows[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+    return d.square()
+
+
+class Aggregator:
+    """Base class: checks the inputs, casts to fp32 and calls :meth:`_aggregate`."""
+
+    name = "aggregator"
+    Config: Any = None
+
+    def __init__(self, cfg: Any = None, **kwargs: Any) -> None:
+        self.cfg = configure(self.Config, cfg, kwargs, "aggregator")
+
+    def __call__(self, rows: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Aggregate ``rows [n, P]`` (optionally weighted by ``weights [n]``) into ``[P]``."""
+        if rows.dim() != 2 or rows.shape[0] == 0:
+            raise ValueError(f"{self.name}: rows must be [n, P], n >= 1; got {tuple(rows.shape)}")
+        rows = rows.float()
+        w = None
+        if weights is not None:
+            w = weights.to(device=rows.device, dtype=torch.float32)
+            if w.shape != rows.shape[:1]:
+                raise ValueError(f"{self.name}: weights {tuple(w.shape)} != ({rows.shape[0]},)")
+            if not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+                raise ValueError(f"{self.name}: weights must be finite, >= 0, not all zero")
+        return self._aggregate(rows, w).float()
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried across calls (empty for stateless rules)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class Mean(Aggregator):
+    """Arithmetic (or weighted) mean: ``sum_i w_i x_i / sum_i w_i``. Not robust (breakdown 0)."""
+
+    name = "mean"
+
+    @dataclass
+    class Config:
+        """No parameters."""
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        return _wmean(rows, w)
+
+
+class CoordinateMedian(Aggregator):
+    """Coordinate-wise median (Yin et al., ICML 2018, arXiv 1803.01498).
+
+    Each coordinate is the median of that coordinate over rows; for even ``n`` the two middle
+    values are averaged. With weights it is the weighted median (the value where the cumulative
+    weight crosses one half, averaging the two neighbours on an exact tie).
+    """
+
+    name = "median"
+
+    @dataclass
+    class Config:
+        """No parameters."""
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        n = rows.shape[0]
+        vals, idx = rows.sort(dim=0)
+        if w is None:
+            return (vals[(n - 1) // 2] + vals[n // 2]) / 2
+        cum = w[idx].cumsum(0)
+        half, tol = cum[-1] / 2, cum[-1] * 1e-6
+        lo = (cum < half - tol).sum(0, keepdim=True).clamp_max(n - 1)
+        hi = (cum <= half + tol).sum(0, keepdim=True).clamp_max(n - 1)
+        return ((vals.gather(0, lo) + vals.gather(0, hi)) / 2)[0]
+
+
+class TrimmedMean(Aggregator):
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018, arXiv 1803.01498).
+
+    Per coordinate, drop the ``f`` largest and ``f`` smallest values and average the other
+    ``n - 2f`` (weighted by the kept rows' weights). Needs ``n > 2f``.
+    """
+
+    name = "trimmed_mean"
+
+    @dataclass
+    class Config:
+        """``f``: values trimmed at each end of every coordinate."""
+
+        f: int = field(default=1, metadata={"ge": 0})
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        n, f = rows.shape[0], self.cfg.f
+        _check_f(f, n)
+        vals, idx = rows.sort(dim=0)
+        kept = vals[f : n - f]
+        if w is None:
+            return kept.mean(0)
+        kw = w[idx[f : n - f]]
+        return (kept * kw).sum(0) / kw.sum(0).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class GeometricMedian(Aggregator):
+    """Geometric median by smoothed Weiszfeld (Pillutla et al., RFA, arXiv 1912.13445).
+
+    From ``z_0 = 0``, ``T`` times: ``beta_i = w_i / max(nu, ||z - x_i||)`` and
+    ``z <- sum_i beta_i x_i / sum_i beta_i``. Stops early once the objective
+    ``sum_i w_i ||z - x_i||`` changes by at most ``eps`` times its value.
+    """
+
+    name = "geomed"
+
+    @dataclass
+    class Config:
+        """``nu`` smoothing, ``T`` Weiszfeld iterations, ``eps`` relative stopping tolerance."""
+
+        nu: float = field(default=0.1, metadata={"gt": 0.0})
+        T: int = field(default=3, metadata={"ge": 1})
+        eps: float = field(default=1e-8, metadata={"ge": 0.0})
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        alpha = torch.ones(rows.shape[0], device=rows.device) if w is None else w
+        z = torch.zeros(rows.shape[1], device=rows.device)
+        prev = None
+        for _ in range(self.cfg.T):
+            dist = (rows - z).norm(dim=1)
+            obj = float(alpha @ dist)
+            if prev is not None and abs(prev - obj) <= self.cfg.eps * obj:
+                break
+            prev = obj
+            beta = alpha / dist.clamp_min(self.cfg.nu)
+            z = (beta @ rows) / beta.sum()
+        return z
+
+
+def _krum_scores(rows: Tensor, f: int) -> Tensor:
+    """Sum of squared distances to the ``max(n - f - 2, 1)`` nearest other rows."""
+    n = rows.shape[0]
+    _check_f(f, n)
+    d = _sq_dists(rows)
+    k = min(max(n - f - 2, 1), n - 1)
+    if k == 0:
+        return torch.zeros(n, device=rows.device)
+    return d.sort(dim=1).values[:, 1 : k + 1].sum(1)
+
+
+class Krum(Aggregator):
+    """Krum (Blanchard et al., NeurIPS 2017): the row with the lowest score.
+
+    ``score_i = sum of ||x_i - x_j||^2 over the n - f - 2 nearest j != i`` (at least one
+    neighbour, so the rule stays meaningful when ``n = 2f + 1, 2f + 2``). Ties go to the lowest
+    index. Needs ``n > 2f``.
+    """
+
+    name = "krum"
+
+    @dataclass
+    class Config:
+        """``f``: tolerated Byzantine rows."""
+
+        f: int = field(default=1, metadata={"ge": 0})
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        return rows[int(_krum_scores(rows, self.cfg.f).argmin())]
+
+
+class MultiKrum(Aggregator):
+    """Multi-Krum (Blanchard et al., NeurIPS 2017): mean of the ``m`` lowest Krum scores.
+
+    ``m=None`` means ``n - f``. Scores as :class:`Krum`; the mean is weighted if weights are
+    given. Needs ``n > 2f`` and ``m <= n``.
+    """
+
+    name = "multikrum"
+
+    @dataclass
+    class Config:
+        """``f``: tolerated Byzantine rows; ``m``: rows averaged (``None``: ``n - f``)."""
+
+        f: int = field(default=1, metadata={"ge": 0})
+        m: int | None = field(default=None, metadata={"ge": 1})
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        n = rows.shape[0]
+        m = n - self.cfg.f if self.cfg.m is None else self.cfg.m
+        if m > n:
+            raise ValueError(f"m={m} needs m <= n rows, got n={n}")
+        keep = _krum_scores(rows, self.cfg.f).sort(stable=True).indices[:m]
+        return _wmean(rows[keep], None if w is None else w[keep])
+
+
+class CenteredClipping(Aggregator):
+    """Centered clipping (Karimireddy et al., ICML 2021, arXiv 2012.10333).
+
+    ``L`` times: ``v <- v + sum_i w_i clip_tau(x_i - v) / sum_i w_i`` with
+    ``clip_tau(y) = y * min(1, tau / ||y||)``. The center ``v`` starts at 0 and is kept across
+    calls (the paper centres on the previous round's aggregate); it is the rule's state.
+    """
+
+    name = "cclip"
+
+    @dataclass
+    class Config:
+        """``tau``: clipping radius; ``L``: clipping iterations per call."""
+
+        tau: float = field(default=1.0, metadata={"gt": 0.0})
+        L: int = field(default=1, metadata={"ge": 1})
+
+    def __init__(self, cfg: Any = None, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
+        self.center: Tensor | None = None
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        v = self.center
+        if v is None:
+            v = torch.zeros(rows.shape[1], device=rows.device)
+        elif v.shape != rows.shape[1:]:
+            raise ValueError(f"cclip: center has {v.shape[0]} coords, rows have {rows.shape[1]}")
+        v = v.to(rows.device)
+        for _ in range(self.cfg.L):
+            diff = rows - v
+            scale = (self.cfg.tau / diff.norm(dim=1).clamp_min(1e-30)).clamp_max(1.0)
+            v = v + _wmean(diff * scale[:, None], w)
+        self.center = v.detach().clone()
+        return v
+
+    def state_dict(self) -> dict[str, Any]:
+        """The persistent center (``None`` before the first call)."""
+        return {"center": None if self.center is None else self.center.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the center."""
+        self.center = state["center"]
+
+
+def _inner(spec: str | dict[str, Any], f: int | None) -> Aggregator:
+    """Build an inner rule from a name or a ``{"name": ..., **kwargs}`` node; pass ``f`` down."""
+    node: dict[str, Any] = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = node.pop("name", None)
+    if not isinstance(name, str) or name not in AGGREGATORS:
+        raise ConfigError("aggregator.inner", f"got {name!r}; allowed: {', '.join(AGGREGATORS)}")
+    if f is not None and any(fl.name == "f" for fl in dataclasses.fields(AGGREGATORS[name].Config)):
+        node.setdefault("f", f)
+    return build_aggregator(name, **node)
+
+
+class _PreAggregation(Aggregator):
+    """A mixing step, then ``inner`` (a name, a ``{"name": ...}`` node or an Aggregator)."""
+
+    def __init__(self, cfg: Any = None, **kwargs: Any) -> None:
+        given = kwargs.pop("inner") if isinstance(kwargs.get("inner"), Aggregator) else None
+        super().__init__(cfg, **kwargs)
+        f = getattr(self.cfg, "f", None)
+        self.inner = given if given is not None else _inner(self.cfg.inner, f)
+
+    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+        return self.inner(*self._mix(rows, w))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner rule's state."""
+        return {"inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the inner rule's state."""
+        self.inner.load_state_dict(state["inner"])
+
+
+class NNM(_PreAggregation):
+    """Nearest neighbour mixing (Allouah et al., AISTATS 2023, arXiv 2302.01772).
+
+    Each row is replaced by the (weighted) mean of its ``n - f`` nearest rows, itself included;
+    the mixed rows then go to ``inner`` with the original weights. A named ``inner`` inherits
+    ``f`` unless its node sets one. Needs ``n > 2f``.
+    """
+
+    name = "nnm"
+
+    @dataclass
+    class Config:
+        """``f``: tolerated Byzantine rows; ``inner``: the rule applied after mixing."""
+
+        f: int = field(default=1, metadata={"ge": 0})
+        inner: str | dict[str, Any] = "trimmed_mean"
+
+    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        n = rows.shape[0]
+        _check_f(self.cfg.f, n)
+        near = _sq_dists(rows).sort(dim=1, stable=True).indices[:, : n - self.cfg.f]
+        mix = torch.zeros(n, n, device=rows.device)
+        mix.scatter_(1, near, 1.0 if w is None else w[near])
+        mix = mix / mix.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return mix @ rows, w
+
+
+class Bucketing(_PreAggregation):
+    """Bucketing (Karimireddy et al., ICLR 2022, arXiv 2006.09365).
+
+    Shuffle the rows with a seeded permutation, average consecutive buckets of ``s`` rows
+    (the last may be smaller; with weights, weighted means and bucket weight = sum of its
+    weights), then apply ``inner`` to the ``ceil(n / s)`` bucket means.
+    """
+
+    name = "bucketing"
+
+    @dataclass
+    class Config:
+        """``s``: bucket size; ``inner``: rule on the bucket means; ``seed``: shuffle seed."""
+
+        s: int = field(default=2, metadata={"ge": 1})
+        inner: str | dict[str, Any] = "median"
+        seed: int = field(default=0, metadata={"ge": 0})
+
+    def __init__(self, cfg: Any = None, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+
+    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        n, dev = rows.shape[0], rows.device
+        perm = torch.randperm(n, generator=self.generator).to(dev)
+        bucket = torch.empty(n, dtype=torch.long, device=dev)
+        bucket[perm] = torch.arange(n, device=dev) // self.cfg.s
+        mix = torch.zeros(-(-n // self.cfg.s), n, device=dev)
+        mix[bucket, torch.arange(n, device=dev)] = 1.0 if w is None else w
+        bw = mix.sum(1)
+        return (mix / bw.clamp_min(torch.finfo(torch.float32).tiny)[:, None]) @ rows, (
+            None if w is None else bw
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffle generator's state and the inner rule's state."""
+        return {"generator": self.generator.get_state(), **super().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the generator and the inner rule."""
+        self.generator.set_state(state["generator"])
+        super().load_state_dict(state)
+
+
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    "mean": Mean,
+    "median": CoordinateMedian,
+    "trimmed_mean": TrimmedMean,
+    "geomed": GeometricMedian,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "cclip": CenteredClipping,
+    "nnm": NNM,
+    "bucketing": Bucketing,
+}
+
+
+def build_aggregator(name: str, **kwargs: Any) -> Aggregator:
+    """Build an aggregator by registry name; bad names or values raise :class:`ConfigError`.
+
+    Example: ``build_aggregator("nnm", f=1, inner="trimmed_mean")`` is NNM followed by the
+    trimmed mean, both with ``f=1``.
+    """
+    if name not in AGGREGATORS:
+        raise ConfigError("aggregator", f"unknown name {name!r}; allowed: {', '.join(AGGREGATORS)}")
+    try:
+        return AGGREGATORS[name](**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError("aggregator", str(err).splitlines()[0]) from None

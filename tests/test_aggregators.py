@@ -1,0 +1,191 @@
+import pytest
+import torch
+
+from diloco.adversary import (
+    AGGREGATORS,
+    NNM,
+    Bucketing,
+    CenteredClipping,
+    CoordinateMedian,
+    GeometricMedian,
+    Krum,
+    Mean,
+    MultiKrum,
+    TrimmedMean,
+    build_aggregator,
+)
+from diloco.config import ConfigError
+
+X = torch.tensor([[1.0, 2, 3], [4, 5, 6], [7, 8, 9]])
+
+
+def honest_and_outlier(n: int = 7, p: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    honest = 1.0 + 0.1 * torch.randn(n - 1, p, generator=g)
+    return honest, torch.cat([honest, torch.full((1, p), 1e6)])
+
+
+# --- known vectors ------------------------------------------------------------------------
+
+
+def test_median_known_vector():
+    assert torch.equal(CoordinateMedian()(X), torch.tensor([4.0, 5, 6]))
+
+
+def test_trimmed_mean_known_vector():
+    rows = torch.cat([X, torch.tensor([[-4.0, -5, -6]])])
+    torch.testing.assert_close(TrimmedMean(f=1)(rows), torch.tensor([2.5, 3.5, 4.5]))
+
+
+def test_geomed_known_vector():
+    out = GeometricMedian(nu=0.1, T=3)(X)
+    torch.testing.assert_close(out, torch.tensor([3.7879, 4.7879, 5.7879]), atol=1e-4, rtol=0)
+
+
+def test_krum_known_vector():
+    assert torch.equal(Krum(f=1)(X), torch.tensor([1.0, 2, 3]))
+
+
+# --- rule details -------------------------------------------------------------------------
+
+
+def test_mean_weighted_and_fp32():
+    assert torch.equal(Mean()(X, torch.tensor([1.0, 0, 0])), X[0])
+    torch.testing.assert_close(Mean()(X, torch.tensor([1.0, 1, 2])), (X[0] + X[1] + 2 * X[2]) / 4)
+    assert Mean()(X.double()).dtype == torch.float32
+
+
+def test_median_even_and_weighted():
+    rows = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    med = CoordinateMedian()
+    torch.testing.assert_close(med(rows), torch.quantile(rows, 0.5, dim=0))
+    torch.testing.assert_close(med(rows, torch.full((6,), 3.0)), med(rows))
+    heavy = torch.tensor([10.0, 1, 1, 1, 1, 1])
+    assert torch.equal(med(rows, heavy), rows[0])
+
+
+def test_trimmed_mean_weights_uniform_matches_unweighted():
+    rows = torch.randn(7, 4, generator=torch.Generator().manual_seed(2))
+    tm = TrimmedMean(f=2)
+    torch.testing.assert_close(tm(rows, torch.ones(7)), tm(rows))
+    torch.testing.assert_close(TrimmedMean(f=0)(rows), rows.mean(0))
+
+
+def test_geomed_early_stop_and_weights():
+    rows = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
+    many = GeometricMedian(T=200, eps=1e-7)(rows)
+    assert torch.allclose(GeometricMedian(T=400, eps=0.0)(rows), many, atol=1e-4)
+    torch.testing.assert_close(GeometricMedian()(rows, torch.ones(5) * 2), GeometricMedian()(rows))
+
+
+def test_multikrum():
+    rows = torch.randn(7, 4, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(MultiKrum(f=2, m=1)(rows), Krum(f=2)(rows))
+    torch.testing.assert_close(MultiKrum(f=0, m=7)(rows), rows.mean(0))
+    with pytest.raises(ValueError, match="m=8"):
+        MultiKrum(f=1, m=8)(rows)
+
+
+def test_cclip_rule_and_state():
+    rows = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    cc = CenteredClipping(tau=1.0, L=1)
+    torch.testing.assert_close(cc(rows), torch.tensor([0.3, 0.4]))  # (unit(3,4) + 0) / 2
+    saved = cc.state_dict()
+    second = cc(rows)
+    fresh = CenteredClipping(tau=1.0, L=1)
+    fresh.load_state_dict(saved)
+    torch.testing.assert_close(fresh(rows), second)
+    assert not torch.allclose(second, torch.tensor([0.3, 0.4]))  # the center persisted
+
+
+def test_nnm_mixing():
+    rows = torch.randn(5, 3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(NNM(f=0, inner="mean")(rows), rows.mean(0))
+    composed = build_aggregator("nnm", f=1, inner="trimmed_mean")
+    assert isinstance(composed.inner, TrimmedMean) and composed.inner.cfg.f == 1
+    explicit = NNM(f=1, inner=TrimmedMean(f=1))
+    torch.testing.assert_close(composed(rows), explicit(rows))
+
+
+def test_bucketing_seeded_state_roundtrip():
+    rows = torch.randn(8, 3, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(Bucketing(s=1, inner="mean")(rows), rows.mean(0))
+    torch.testing.assert_close(Bucketing(s=8, inner="median")(rows), rows.mean(0))
+    b = Bucketing(s=2, inner="median", seed=3)
+    b(rows)
+    saved = b.state_dict()
+    ahead = [b(rows) for _ in range(2)]
+    c = Bucketing(s=2, inner="median", seed=99)
+    c.load_state_dict(saved)
+    assert all(torch.equal(c(rows), a) for a in ahead)
+    assert torch.equal(Bucketing(s=2, inner="median", seed=3)(rows), Bucketing(s=2, seed=3)(rows))
+
+
+@pytest.mark.parametrize(
+    "agg", [TrimmedMean(f=2), Krum(f=2), MultiKrum(f=2), NNM(f=2)], ids=lambda a: a.name
+)
+def test_n_le_2f_raises(agg):
+    with pytest.raises(ValueError, match=r"f=2.*n=4"):
+        agg(torch.randn(4, 3))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError):
+        Mean()(torch.randn(3))
+    with pytest.raises(ValueError):
+        Mean()(X, torch.ones(2))
+    with pytest.raises(ValueError):
+        Mean()(X, torch.tensor([1.0, -1.0, 1.0]))
+
+
+# --- breakdown ----------------------------------------------------------------------------
+
+ROBUST = [
+    ("median", {}),
+    ("trimmed_mean", {"f": 1}),
+    ("geomed", {}),
+    ("krum", {"f": 1}),
+    ("multikrum", {"f": 1}),
+    ("cclip", {"tau": 1.0, "L": 10}),
+    ("nnm", {"f": 1, "inner": "trimmed_mean"}),
+    ("bucketing", {"s": 2, "inner": "median"}),
+]
+
+
+def test_mean_breaks_down():
+    honest, rows = honest_and_outlier()
+    assert (Mean()(rows) - honest.mean(0)).norm() > 1e4
+
+
+@pytest.mark.parametrize(("name", "kwargs"), ROBUST, ids=[r[0] for r in ROBUST])
+def test_robust_rules_resist_one_huge_row(name, kwargs):
+    honest, rows = honest_and_outlier()
+    out = build_aggregator(name, **kwargs)(rows)
+    assert torch.isfinite(out).all()
+    assert (out - honest.mean(0)).norm() < 1.0, out
+
+
+# --- registry -----------------------------------------------------------------------------
+
+
+def test_registry_names():
+    assert set(AGGREGATORS) == {
+        "mean", "median", "trimmed_mean", "geomed", "krum", "multikrum", "cclip", "nnm",
+        "bucketing",
+    }  # fmt: skip
+
+
+def test_registry_errors():
+    with pytest.raises(ConfigError, match="allowed: mean, median"):
+        build_aggregator("average")
+    with pytest.raises(ConfigError, match=r"f=-1.*>= 0"):
+        build_aggregator("krum", f=-1)
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_aggregator("median", f=1)
+    with pytest.raises(ConfigError, match="allowed"):
+        build_aggregator("nnm", inner="nope")
+    with pytest.raises(ConfigError):
+        build_aggregator("geomed", nu=0.0)
+    with pytest.raises(ConfigError):
+        TrimmedMean(TrimmedMean.Config(f=-1))
+    assert TrimmedMean(TrimmedMean.Config(f=2)).cfg.f == 2
