@@ -1,0 +1,505 @@
+"""Payload codecs: quantize or sparsify worker rows in transit, and count the bytes produced.
+
+A codec maps payload rows ``[n, P]`` (fp32, one row per worker) to an :class:`Encoded` that
+holds the tensors that would go on the wire, each with a leading worker dim ``n``, and
+:meth:`Codec.decode` maps it back to fp32 rows. Bytes are counted from the tensors actually
+produced (:func:`nbytes_per_worker`), so padding and bit packing are charged exactly. With
+``b = ceil(P / block)`` blocks, ``s`` bytes per scale (2 or 4), ``k`` kept values and
+``w = max(1, bit_length(P - 1))`` bits per index, one worker sends:
+
+    none         fp32 values                                4 P
+    fp16, bf16   16-bit values                              2 P
+    int8         int8 codes + one scale per block           P + s b
+    int4         two 4-bit codes per uint8 + scales         ceil(P / 2) + s b
+    sign         1 bit per element + one fp32 scale         ceil(P / 8) + 4
+    topk, randk  fp32 values + bit-packed indices           4 k + ceil(k w / 8)
+    dct_topk     same per chunk of c (C = ceil(P / c))      4 C k + ceil(C k w_c / 8)
+    compose      sparsifier indices + value codec over k
+
+Indices are bit-packed LSB-first into ``uint8`` with the fewest bits that hold ``P - 1``
+(``w_c`` bits for ``c - 1`` in ``dct_topk``); bit ``j`` of the packed stream is bit ``j % 8``
+of byte ``j // 8``, as in :func:`demo_optim.pack_signs`. Random codecs draw from a seeded CPU
+generator whose state is in :meth:`Codec.state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from demo_optim.dct import dct_nd, idct_nd
+from diloco.config import ConfigError, from_dict
+
+
+@dataclass
+class Encoded:
+    """Wire tensors of one encode, each ``[n, ...]``, plus the original ``shape`` ``(n, P)``."""
+
+    shape: tuple[int, int]
+    values: Tensor
+    indices: Tensor | None = None
+    scales: Tensor | None = None
+
+    def nbytes_per_worker(self) -> int:
+        """Bytes one worker sends: ``numel * element_size`` of its tensors."""
+        return nbytes_per_worker(self)
+
+
+def nbytes_per_worker(enc: Encoded) -> int:
+    """Bytes of one worker's share of ``enc`` (values, indices, scales summed, divided by n)."""
+    parts = (t for t in (enc.values, enc.indices, enc.scales) if t is not None)
+    return sum(t.numel() * t.element_size() for t in parts) // max(enc.shape[0], 1)
+
+
+def index_bits(size: int) -> int:
+    """Fewest bits that hold every index below ``size`` (at least 1)."""
+    return max(1, (size - 1).bit_length())
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack codes ``[n, m]`` in ``[0, 2**bits)`` LSB-first into ``uint8 [n, ceil(m bits / 8)]``."""
+    n, m = codes.shape
+    if 8 % bits == 0:  # fast path: 8 / bits whole codes per byte
+        per = 8 // bits
+        grouped = F.pad(codes.to(torch.uint8), (0, -m % per)).view(n, -1, per)
+        packed = grouped[:, :, 0].clone()
+        for j in range(1, per):
+            packed |= grouped[:, :, j] << (j * bits)
+        return packed
+    total = m * bits
+    stream = torch.zeros(n, -(-total // 8) * 8, dtype=torch.uint8, device=codes.device)
+    per_code = stream[:, :total].view(n, m, bits)
+    for j in range(bits):
+        per_code[:, :, j] = (codes >> j) & 1
+    octets = stream.view(n, -1, 8)
+    out = torch.zeros(octets.shape[:2], dtype=torch.uint8, device=codes.device)
+    for j in range(8):
+        out |= octets[:, :, j] << j
+    return out
+
+
+def unpack_bits(packed: Tensor, bits: int, m: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: ``int64 [n, m]`` codes."""
+    n = packed.shape[0]
+    if 8 % bits == 0:
+        fields = [(packed >> (j * bits)) & ((1 << bits) - 1) for j in range(8 // bits)]
+        return torch.stack(fields, -1).view(n, -1)[:, :m].to(torch.int64)
+    stream = torch.empty(n, packed.shape[1], 8, dtype=torch.uint8, device=packed.device)
+    for j in range(8):
+        stream[:, :, j] = (packed >> j) & 1
+    per_code = stream.view(n, -1)[:, : m * bits].view(n, m, bits)
+    codes = torch.zeros(n, m, dtype=torch.int64, device=packed.device)
+    for j in range(bits):
+        codes |= per_code[:, :, j].to(torch.int64) << j
+    return codes
+
+
+def _rows(rows: Tensor) -> Tensor:
+    if rows.dim() != 2:
+        raise ValueError(f"codecs take payload rows [n, P], got shape {tuple(rows.shape)}")
+    return rows.float()
+
+
+class Codec:
+    """Base codec: ``encode`` rows ``[n, P]`` -> :class:`Encoded` -> ``decode`` fp32 rows."""
+
+    name = "codec"
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """Encode payload rows ``[n, P]``."""
+        raise NotImplementedError
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """Decode to fp32 rows of ``enc.shape``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Random-generator state of stochastic codecs (empty otherwise)."""
+        gen = getattr(self, "gen", None)
+        return {"rng": gen.get_state()} if isinstance(gen, torch.Generator) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if "rng" in state:
+            self.gen.set_state(state["rng"])  # type: ignore[attr-defined]
+
+
+class NoCodec(Codec):
+    """Identity: fp32 rows on the wire (4 bytes per element)."""
+
+    name = "none"
+    dtype = torch.float32
+
+    @dataclass
+    class Config:
+        """No arguments."""
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        pass
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """Cast to the wire dtype; fp16 values are clamped to its finite range."""
+        x = _rows(rows)
+        if self.dtype == torch.float16:
+            x = x.clamp(-65504.0, 65504.0)
+        return Encoded((x.shape[0], x.shape[1]), x.to(self.dtype))
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """Cast back to fp32."""
+        return enc.values.float()
+
+
+class FP16(NoCodec):
+    """IEEE half precision in transit: relative error <= 2**-11 in the normal range."""
+
+    name = "fp16"
+    dtype = torch.float16
+
+
+class BF16(NoCodec):
+    """bfloat16 in transit: relative error <= 2**-8 (fp32 exponent range, 8-bit mantissa)."""
+
+    name = "bf16"
+    dtype = torch.bfloat16
+
+
+class Int8(Codec):
+    """Symmetric per-block absmax quantization, as used for INTELLECT-1's int8 all-reduce.
+
+    Rule per block of ``block`` elements: ``scale = absmax / qmax`` (stored in ``scale_dtype``,
+    fp16 rounded *up* so codes stay within ``[-qmax, qmax]``), ``q = round(x / scale)``, and
+    ``x_hat = q * scale``, so ``|x - x_hat| <= scale / 2``. Stochastic rounding uses
+    ``floor(x / scale + u)``, ``u ~ U[0, 1)``: unbiased, ``|x - x_hat| < scale``.
+    """
+
+    name = "int8"
+    bits = 8
+
+    @dataclass
+    class Config:
+        """``block`` elements share a scale; stochastic rounding draws from ``seed``."""
+
+        block: int = field(default=128, metadata={"ge": 1})
+        scale_dtype: Literal["fp16", "fp32"] = "fp32"
+        stochastic: bool = False
+        seed: int = field(default=0, metadata={"ge": 0})
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        cfg = cfg or self.Config()
+        self.block, self.stochastic = cfg.block, cfg.stochastic
+        self.scale_dtype = torch.float16 if cfg.scale_dtype == "fp16" else torch.float32
+        self.qmax = 2 ** (self.bits - 1) - 1
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def _scales(self, absmax: Tensor) -> Tensor:
+        scale = absmax / self.qmax
+        if self.scale_dtype == torch.float32:
+            return scale
+        stored = scale.clamp(max=65504.0).half()
+        up = torch.nextafter(stored, torch.full_like(stored, math.inf))
+        return torch.where(stored.float() < scale, up, stored)
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """Quantize each block of each row; the codes are cut back to ``P`` per row."""
+        x = _rows(rows)
+        n, p = x.shape
+        nb = -(-p // self.block)
+        blocks = F.pad(x, (0, nb * self.block - p)).view(n, nb, self.block)
+        scales = self._scales(blocks.abs().amax(-1))
+        v = blocks / scales.float().clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+        if self.stochastic:
+            v = torch.floor(v + torch.rand(v.shape, generator=self.gen).to(v.device))
+        q = v.round().clamp(-self.qmax, self.qmax).view(n, -1)[:, :p]
+        return Encoded((n, p), self._pack(q.to(torch.int64)), scales=scales)
+
+    def _pack(self, q: Tensor) -> Tensor:
+        return q.to(torch.int8)
+
+    def _unpack(self, values: Tensor, p: int) -> Tensor:
+        return values.float()
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """``q * scale`` per block."""
+        assert enc.scales is not None
+        n, p = enc.shape
+        nb = enc.scales.shape[1]
+        q = F.pad(self._unpack(enc.values, p), (0, nb * self.block - p)).view(n, nb, -1)
+        return (q * enc.scales.float()[..., None]).view(n, -1)[:, :p]
+
+
+class Int4(Int8):
+    """:class:`Int8`'s rule with ``qmax = 7``; codes ``q + 8`` packed two per ``uint8``."""
+
+    name = "int4"
+    bits = 4
+
+    def _pack(self, q: Tensor) -> Tensor:
+        return pack_bits(q + 8, 4)
+
+    def _unpack(self, values: Tensor, p: int) -> Tensor:
+        return (unpack_bits(values, 4, p) - 8).float()
+
+
+class Sign(Codec):
+    """Scaled sign (EF-signSGD, Karimireddy et al. 2019, arXiv 1901.09847).
+
+    ``x_hat = mean|x| * sign(x)`` per row, with ``sign(0) = +1``: one bit per element packed
+    eight per ``uint8`` (set for negatives) plus one fp32 scale per row.
+    """
+
+    name = "sign"
+
+    @dataclass
+    class Config:
+        """No arguments."""
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        pass
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """Pack sign bits and the per-row mean absolute value."""
+        x = _rows(rows)
+        bits = pack_bits((x < 0).to(torch.int64), 1)
+        return Encoded((x.shape[0], x.shape[1]), bits, scales=x.abs().mean(1, keepdim=True))
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """``scale * (+1 | -1)``."""
+        assert enc.scales is not None
+        neg = unpack_bits(enc.values, 1, enc.shape[1]).float()
+        return (1.0 - 2.0 * neg) * enc.scales
+
+
+class Sparsifier(Codec):
+    """A codec that keeps :meth:`num_values` fp32 values per row and sends their indices."""
+
+    def num_values(self, p: int) -> int:
+        """Values kept per row of length ``p``."""
+        raise NotImplementedError
+
+
+class TopK(Sparsifier):
+    """Per-row top-k by magnitude (Stich et al. 2018, arXiv 1809.07599).
+
+    Kept entries are exact, the rest are zero. ``k``, when set, takes precedence over
+    ``fraction`` (``k = max(1, ceil(fraction * P))``); both are capped at ``P``. Indices are
+    sorted ascending and bit-packed with :func:`index_bits` ``(P)`` bits each.
+    """
+
+    name = "topk"
+
+    @dataclass
+    class Config:
+        """Keep ``k`` entries per row, or ``fraction`` of them when ``k`` is unset."""
+
+        k: int | None = field(default=None, metadata={"ge": 1})
+        fraction: float = field(default=0.01, metadata={"gt": 0.0, "le": 1.0})
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        cfg = cfg or self.Config()
+        self.k, self.fraction = cfg.k, cfg.fraction
+
+    def num_values(self, p: int) -> int:
+        """``min(P, k)`` or ``min(P, max(1, ceil(fraction P)))``."""
+        return min(p, self.k if self.k is not None else max(1, math.ceil(self.fraction * p)))
+
+    def _select(self, x: Tensor, k: int) -> Tensor:
+        return x.abs().topk(k, dim=1, sorted=False).indices
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """Select, gather the fp32 values and pack the indices."""
+        x = _rows(rows)
+        n, p = x.shape
+        idx = self._select(x, self.num_values(p)).sort(dim=1).values
+        return Encoded((n, p), x.gather(1, idx), indices=pack_bits(idx, index_bits(p)))
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """Scatter the values into zeros."""
+        assert enc.indices is not None
+        n, p = enc.shape
+        idx = unpack_bits(enc.indices, index_bits(p), enc.values.shape[1])
+        out = torch.zeros(n, p, device=enc.values.device)
+        return out.scatter_(1, idx, enc.values.float())
+
+
+class RandK(TopK):
+    """Per-row uniform random k of P entries (without replacement, seeded); unscaled."""
+
+    name = "randk"
+
+    @dataclass
+    class Config(TopK.Config):
+        """:class:`TopK`'s arguments plus the ``seed`` of the index draws."""
+
+        seed: int = field(default=0, metadata={"ge": 0})
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        cfg = cfg or self.Config()
+        super().__init__(cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def _select(self, x: Tensor, k: int) -> Tensor:
+        keys = torch.rand(x.shape, generator=self.gen).to(x.device)
+        return keys.topk(k, dim=1, sorted=False).indices
+
+
+class DCTTopK(Sparsifier):
+    """DeMo's transform-and-select (Peng et al. 2024, arXiv 2411.19870) on payload rows.
+
+    Each row is zero-padded to ``C = ceil(P / chunk)`` chunks, each chunk is mapped by the
+    orthonormal DCT-II of :mod:`demo_optim.dct`, the ``k`` largest-magnitude coefficients of
+    every chunk are sent (fp32 values, chunk-local indices of ``index_bits(chunk)`` bits) and
+    decoding scatters them, applies the inverse DCT and drops the padding.
+    """
+
+    name = "dct_topk"
+
+    @dataclass
+    class Config:
+        """``chunk`` elements per DCT; ``k`` coefficients kept per chunk."""
+
+        chunk: int = field(default=64, metadata={"ge": 1})
+        k: int = field(default=8, metadata={"ge": 1})
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        cfg = cfg or self.Config()
+        self.chunk, self.k = cfg.chunk, min(cfg.k, cfg.chunk)
+
+    def num_values(self, p: int) -> int:
+        """``ceil(P / chunk) * k``."""
+        return -(-p // self.chunk) * self.k
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """DCT per chunk, keep the top ``k`` coefficients of each."""
+        x = _rows(rows)
+        n, p = x.shape
+        c = -(-p // self.chunk)
+        coeffs = dct_nd(F.pad(x, (0, c * self.chunk - p)).view(n, c, self.chunk), 1)
+        idx = coeffs.abs().topk(self.k, dim=-1, sorted=False).indices.sort(-1).values
+        vals = coeffs.gather(-1, idx).reshape(n, -1)
+        return Encoded((n, p), vals, indices=pack_bits(idx.reshape(n, -1), index_bits(self.chunk)))
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """Scatter coefficients, inverse DCT, drop padding."""
+        assert enc.indices is not None
+        n, p = enc.shape
+        c = -(-p // self.chunk)
+        idx = unpack_bits(enc.indices, index_bits(self.chunk), c * self.k).view(n, c, self.k)
+        coeffs = torch.zeros(n, c, self.chunk, device=enc.values.device)
+        coeffs.scatter_(-1, idx, enc.values.float().view(n, c, self.k))
+        return idct_nd(coeffs, 1).reshape(n, -1)[:, :p]
+
+
+class Compose(Codec):
+    """Sparsify, then encode the kept ``[n, k]`` values with a value codec.
+
+    Templar's SparseLoCo sends top-k values quantized to a few bits this way. On the wire:
+    the sparsifier's indices plus the value codec's values and scales.
+    """
+
+    def __init__(self, sparsifier: Sparsifier, value_codec: Codec) -> None:
+        self.sparsifier, self.value_codec = sparsifier, value_codec
+        self.name = f"{sparsifier.name}+{value_codec.name}"
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """Sparsify, then encode the ``[n, k]`` kept values."""
+        s = self.sparsifier.encode(rows)
+        v = self.value_codec.encode(s.values)
+        if s.scales is not None or v.indices is not None:
+            raise ValueError(f"cannot compose {self.name}: tensors would collide")
+        return Encoded(s.shape, v.values, indices=s.indices, scales=v.scales)
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """Decode the values, then scatter them."""
+        n, p = enc.shape
+        inner = Encoded((n, self.sparsifier.num_values(p)), enc.values, scales=enc.scales)
+        vals = self.value_codec.decode(inner)
+        return self.sparsifier.decode(Encoded(enc.shape, vals, indices=enc.indices))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both codecs' states."""
+        return {"sparsifier": self.sparsifier.state_dict(), "values": self.value_codec.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore both codecs' states."""
+        self.sparsifier.load_state_dict(state["sparsifier"])
+        self.value_codec.load_state_dict(state["values"])
+
+
+class ErrorFeedback(Codec):
+    """Error feedback (Seide et al. 2014; Karimireddy et al. 2019) around any codec.
+
+    Per worker: ``e = decay * residual + x``; send ``codec.encode(e)``; keep
+    ``residual = e - decode(sent)``. With ``decay = 1`` nothing is lost: the sum of all
+    decoded payloads plus the final residual equals the sum of all inputs.
+    """
+
+    def __init__(self, codec: Codec, decay: float = 1.0) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ConfigError(f"decay={decay}", "must be in [0, 1]")
+        self.codec, self.decay = codec, decay
+        self.name = f"ef({codec.name})"
+        self.residual: Tensor | None = None
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """Encode the residual-corrected rows and keep what was not sent."""
+        x = _rows(rows)
+        e = x if self.residual is None else self.decay * self.residual + x
+        enc = self.codec.encode(e)
+        self.residual = e - self.codec.decode(enc)
+        return enc
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """The wrapped codec's decode."""
+        return self.codec.decode(enc)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Residual ``[n, P]`` (absent before the first encode) and the codec's state."""
+        state: dict[str, Any] = {"codec": self.codec.state_dict()}
+        if self.residual is not None:
+            state["residual"] = self.residual.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.codec.load_state_dict(state["codec"])
+        r = state.get("residual")
+        self.residual = None if r is None else r.clone()
+
+
+CODECS: dict[str, Any] = {
+    c.name: c for c in (NoCodec, FP16, BF16, Int8, Int4, Sign, TopK, RandK, DCTTopK)
+}
+
+
+def build_codec(name: str, /, **kwargs: Any) -> Codec:
+    """Build a codec by registry name, validating ``kwargs`` into its ``Config``.
+
+    ``build_codec("compose", sparsifier={"name": "topk", "k": 8}, values={"name": "int4"})``
+    builds a :class:`Compose`. Unknown names and bad arguments raise :class:`ConfigError`.
+    """
+    if name == "compose":
+        unknown = sorted(set(kwargs) - {"sparsifier", "values"})
+        if unknown or "sparsifier" not in kwargs:
+            raise ConfigError("codec", "compose takes sparsifier={name: ...} and values={...}")
+        sp = _build_node(kwargs["sparsifier"], "codec.sparsifier")
+        if not isinstance(sp, Sparsifier):
+            raise ConfigError("codec.sparsifier", f"{sp.name!r} is not a sparsifier")
+        return Compose(sp, _build_node(kwargs.get("values", {"name": "none"}), "codec.values"))
+    if name not in CODECS:
+        known = ", ".join([*CODECS, "compose"])
+        raise ConfigError("codec.name", f"got {name!r}; known: {known}")
+    cls = CODECS[name]
+    return cls(from_dict(cls.Config, kwargs, "codec"))
+
+
+def _build_node(node: Any, key: str) -> Codec:
+    spec = dict(node) if isinstance(node, Mapping) else {}
+    if "name" not in spec:
+        raise ConfigError(key, f"got {node!r}; expected a mapping with a 'name'")
+    return build_codec(spec.pop("name"), **spec)
