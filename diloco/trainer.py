@@ -75,6 +75,7 @@ class Trainer:
         self.wall_s = 0.0
         self.last_eval: float = float("nan")
         self.ckpt_path = self.run_dir / checkpoint.FILENAME
+        self._start = time.perf_counter()
 
     def _to_device(self, batch: Batch) -> Batch:
         x, y = batch
@@ -95,7 +96,7 @@ class Trainer:
         self.algorithm.on_gradients(self.group, self.exchange)
         norms = self.group.clip_grads(tc.grad_clip)
         mult = lr_multiplier(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
-        self.group.optimizer_step(mult)
+        self.algorithm.step_optimizers(self.group, self.comm.all_gather, mult)
         self.step += 1
         lr = self.group.optimizers[0].param_groups[0]["lr"]
         return {M.TRAIN_LOSS: losses.mean().item(), M.TRAIN_GRAD_NORM: norms.mean().item(),
@@ -130,32 +131,36 @@ class Trainer:
         tc = self.cfg.train
         logger = logger or M.MultiLogger([])
         h = self.algorithm.inner_steps
-        tokens_per_step = tc.batch_size * self.cfg.data.seq_len
-        start = time.perf_counter() - self.wall_s
+        self._start = time.perf_counter() - self.wall_s
         while self.step < tc.steps:
             n = min(h, tc.steps - self.step)
-            for _ in range(n):
+            for i in range(n):
                 row = self._inner_step()
-                if self.step % tc.log_every == 0 and self.step % h != 0:
+                if i < n - 1 and self.step % tc.log_every == 0:
                     logger.log(row, self.step)
             self._sync()
-            self.wall_s = time.perf_counter() - start
-            row.update(self._comm_metrics())
-            row.update({M.ROUND: self.round, M.TOKENS: self.step * tokens_per_step,
-                        M.WALL_S: self.wall_s})  # fmt: skip
-            if self.step // tc.eval_every > (self.step - n) // tc.eval_every or (
-                self.step >= tc.steps
-            ):
-                self.last_eval = self.evaluate()
-                row[M.EVAL_LOSS] = self.last_eval
-            if self.step % tc.log_every < n or M.EVAL_LOSS in row or self.step >= tc.steps:
-                logger.log(row, self.step)
-            every = self.cfg.checkpoint.every
-            if every and (self.round % every == 0 or self.step >= tc.steps):
-                checkpoint.save(self.state_dict(), self.ckpt_path)
-        if self.step == 0 or self.last_eval != self.last_eval:
+            self._end_round(row, n, logger)
+        if self.step == 0 or self.last_eval != self.last_eval:  # nothing run, or never evaluated
             self.last_eval = self.evaluate()
         return self.summary()
+
+    def _end_round(self, row: dict[str, float], n: int, logger: M.Logger) -> None:
+        """After a sync: comm metrics, eval when due, log, checkpoint when due."""
+        tc = self.cfg.train
+        last = self.step >= tc.steps
+        self.wall_s = time.perf_counter() - self._start
+        row.update(self._comm_metrics())
+        row[M.ROUND] = self.round
+        row[M.TOKENS] = self.step * tc.batch_size * self.cfg.data.seq_len
+        row[M.WALL_S] = self.wall_s
+        if self.step // tc.eval_every > (self.step - n) // tc.eval_every or last:
+            self.last_eval = row[M.EVAL_LOSS] = self.evaluate()
+        h = self.algorithm.inner_steps
+        if self.step % tc.log_every == 0 or h >= tc.log_every or M.EVAL_LOSS in row or last:
+            logger.log(row, self.step)
+        every = self.cfg.checkpoint.every
+        if every and (self.round % every == 0 or last):
+            checkpoint.save(self.state_dict(), self.ckpt_path)
 
     def summary(self) -> dict[str, Any]:
         """The run's headline numbers (written to ``summary.json``)."""

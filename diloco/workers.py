@@ -115,11 +115,16 @@ class WorkerGroup:
             self.grads.mul_(scale[:, None])
         return norms
 
-    def optimizer_step(self, lr_mult: float) -> None:
-        """One inner optimizer step on every worker, at ``lr_mult`` times the base rate."""
+    def set_lr(self, lr_mult: float) -> None:
+        """Set every inner optimizer's rate to ``lr_mult`` times its base rate."""
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * lr_mult
+
+    def optimizer_step(self, lr_mult: float) -> None:
+        """One inner optimizer step on every worker, at ``lr_mult`` times the base rate."""
+        self.set_lr(lr_mult)
+        for opt in self.optimizers:
             opt.step()
 
     def broadcast_global(self) -> None:

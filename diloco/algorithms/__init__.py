@@ -1,7 +1,7 @@
 """Synchronisation algorithms; each is built from ``conf/algorithm/*.yaml`` by ``_target_``."""
 
-from diloco.algorithms.base import Algorithm, Exchange
+from diloco.algorithms.base import Algorithm, AlgorithmBase, Exchange, Gather
 from diloco.algorithms.ddp import DDP
 from diloco.algorithms.diloco import DiLoCo
 
-__all__ = ["DDP", "Algorithm", "DiLoCo", "Exchange"]
+__all__ = ["DDP", "Algorithm", "AlgorithmBase", "DiLoCo", "Exchange", "Gather"]

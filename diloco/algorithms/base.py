@@ -20,6 +20,9 @@ from diloco.workers import WorkerGroup
 Exchange = Callable[[torch.Tensor], torch.Tensor]
 """Reduces payload rows ``[K_local, P]`` from every worker to one fp32 update ``[P]``."""
 
+Gather = Callable[[torch.Tensor], torch.Tensor]
+"""All-gathers rows ``[K_local, ...]`` into ``[K, ...]`` in global worker order (bytes counted)."""
+
 
 class Algorithm(Protocol):
     """What the trainer needs from a synchronisation algorithm."""
@@ -29,6 +32,10 @@ class Algorithm(Protocol):
 
     def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
         """Called after every backward, before clipping and the inner optimizer step."""
+        ...
+
+    def step_optimizers(self, group: WorkerGroup, gather: Gather, lr_mult: float) -> None:
+        """The inner optimizer step of every worker (DeMo exchanges its coefficients here)."""
         ...
 
     def payload(self, group: WorkerGroup) -> torch.Tensor | None:
@@ -46,3 +53,32 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         ...
+
+
+class AlgorithmBase:
+    """Defaults for the hooks: local inner steps, nothing exchanged, worker 0 is the model."""
+
+    name = "base"
+    inner_steps = 1
+
+    def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
+        """No gradient exchange."""
+
+    def step_optimizers(self, group: WorkerGroup, gather: Gather, lr_mult: float) -> None:
+        """Every worker steps its own inner optimizer."""
+        group.optimizer_step(lr_mult)
+
+    def payload(self, group: WorkerGroup) -> torch.Tensor | None:
+        """Nothing to exchange at the round end."""
+        return None
+
+    def apply(self, group: WorkerGroup, update: torch.Tensor | None) -> None:
+        """Workers are kept equal, so the global model is worker 0's."""
+        group.global_param.data.copy_(group.params[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stateless by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Stateless by default."""

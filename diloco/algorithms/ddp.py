@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
-from diloco.algorithms.base import Exchange
+from diloco.algorithms.base import AlgorithmBase, Exchange
 from diloco.workers import WorkerGroup
 
 
-class DDP:
+class DDP(AlgorithmBase):
     """Synchronous data parallelism (all-reduce of gradients each step).
 
     Update rule, per step: ``g = mean_i grad_i``; every worker steps its inner optimizer on
@@ -33,18 +30,3 @@ class DDP:
     def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
         """Replace every worker's gradient by the exchanged (averaged) gradient."""
         group.grads.copy_(exchange(group.grads).expand_as(group.grads))
-
-    def payload(self, group: WorkerGroup) -> torch.Tensor | None:
-        """Nothing to exchange at the round end."""
-        return None
-
-    def apply(self, group: WorkerGroup, update: torch.Tensor | None) -> None:
-        """The global model is any worker's model (they are equal)."""
-        group.global_param.data.copy_(group.params[0])
-
-    def state_dict(self) -> dict[str, Any]:
-        """DDP is stateless."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """DDP is stateless."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diloco.algorithms.base import Exchange
+from diloco.algorithms.base import AlgorithmBase
 from diloco.config import build_optimizer
 from diloco.workers import WorkerGroup
 
@@ -28,7 +28,7 @@ def _nesterov() -> dict[str, Any]:
     return {"_target_": "torch.optim.SGD", "lr": 0.7, "momentum": 0.9, "nesterov": True}
 
 
-class DiLoCo:
+class DiLoCo(AlgorithmBase):
     """DiLoCo with any ``torch.optim`` outer optimizer over the flat global parameters."""
 
     @dataclass
@@ -45,9 +45,6 @@ class DiLoCo:
         self.outer = build_optimizer(cfg.outer_optimizer, "algorithm.outer_optimizer")(
             [group.global_param]
         )
-
-    def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
-        """Inner steps are local: nothing to do."""
 
     def payload(self, group: WorkerGroup) -> torch.Tensor:
         """Pseudo-gradients ``theta_global - theta_i``, one row per worker."""
