@@ -63,7 +63,7 @@ def small_run(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     [
         ("algorithm.inner_steps=0", "algorithm.inner_steps=0: must be >= 1"),
         ("workers.count=-2", "workers.count=-2: must be >= 1"),
-        ("algorithm=foo", "algorithm=foo: unknown; allowed: ddp, diloco, fedavg"),
+        ("algorithm=foo", "algorithm=foo: unknown; allowed: ddp, demo, diloco, fedavg"),
         ("train.steps=abc", "train.steps: got 'abc'; expected an integer"),
         ("optimizer.lr=-1", "optimizer: Invalid learning rate: -1"),
         ("data.path=/no/such/corpus", "/no/such/corpus"),
