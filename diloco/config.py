@@ -103,6 +103,7 @@ class CommConfig:
     """The communicator that moves payloads between workers."""
 
     backend: Literal["inprocess"] = "inprocess"
+    max_abs: float | None = field(default=1.0e6, metadata={"gt": 0.0})
 
 
 @dataclass
@@ -121,6 +122,9 @@ class Config:
     model: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
     algorithm: dict[str, Any] = field(default_factory=dict)
+    codec: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    aggregator: dict[str, Any] = field(default_factory=lambda: {"name": "mean"})
+    attack: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     experiment: str | None = None
 
 
@@ -147,6 +151,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(key, f"got {value!r}; expected {' or '.join(map(_type_name, args))}")
     if origin is Literal:
+        if isinstance(value, float) and str(value) in get_args(tp):
+            value = str(value)  # YAML and Hydra read the words nan and inf as floats
         if value not in get_args(tp):
             raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, get_args(tp)))}")
         return value

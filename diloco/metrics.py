@@ -27,6 +27,7 @@ EVAL_BPB = "eval/bits_per_token"
 BYTES_SENT = "comm/bytes_sent"
 BYTES_RECV = "comm/bytes_recv"
 WALL_S = "time/wall_s"
+EXCLUDED = "adversary/excluded"
 ROUND = "round"
 TOKENS = "tokens"
 

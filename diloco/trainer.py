@@ -7,7 +7,8 @@ One round, as data::
         algorithm.on_gradients(group, exchange) DDP averages gradients here
         group.clip_grads; group.optimizer_step  inner optimizer (AdamW, SGD, ...)
     rows = algorithm.payload(group)             local phase: e.g. pseudo-gradients [K, P]
-    update = exchange(rows)                     collective, bytes counted -> [P] fp32
+    update = exchange(rows)                     attack, validation, codec, collective (bytes
+                                                counted), aggregation -> [P] fp32
     algorithm.apply(group, update)              outer step; workers resync
     eval, log, checkpoint
 
@@ -28,6 +29,7 @@ from diloco import checkpoint
 from diloco import metrics as M
 from diloco.algorithms import Algorithm
 from diloco.comm import InProcessComm
+from diloco.comm.pipeline import ExchangePipeline
 from diloco.config import Config, build, build_optimizer
 from diloco.data import Corpus, ShardSampler, eval_batches, load_corpus, shard_indices
 from diloco.workers import Batch, WorkerGroup, lr_multiplier
@@ -47,6 +49,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus | None = None) -> None:
         self.cfg = cfg
+        self.comm = InProcessComm(cfg.workers.count)
+        self.exchange = ExchangePipeline.from_config(self.comm, cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.corpus = corpus if corpus is not None else load_corpus(cfg.data)
@@ -58,7 +62,6 @@ class Trainer:
         worker_ids = list(range(cfg.workers.count))
         self.group = WorkerGroup(model, worker_ids, build_optimizer(cfg.optimizer, "optimizer"))
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm", self.group)
-        self.comm = InProcessComm(cfg.workers.count)
         shards = shard_indices(
             self.corpus, cfg.workers.count, cfg.data.shard, cfg.seed, cfg.data.dirichlet_alpha
         )
@@ -81,18 +84,13 @@ class Trainer:
         x, y = batch
         return x.to(self.device), y.to(self.device)
 
-    # -- the exchange pipeline --------------------------------------------------------------
-
-    def exchange(self, rows: torch.Tensor) -> torch.Tensor:
-        """Reduce payload rows ``[K, P]`` to one fp32 update ``[P]`` (ring all-reduce mean)."""
-        return self.comm.all_reduce_mean(rows)
-
     # -- one round ----------------------------------------------------------------------------
 
     def _inner_step(self) -> dict[str, float]:
         tc = self.cfg.train
         batches = [self._to_device(s.next_batch()) for s in self.samplers]
         losses = self.group.forward_backward(batches)
+        self.exchange.round = self.round
         self.algorithm.on_gradients(self.group, self.exchange)
         norms = self.group.clip_grads(tc.grad_clip)
         mult = lr_multiplier(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
@@ -103,6 +101,7 @@ class Trainer:
                 M.TRAIN_LR: lr}  # fmt: skip
 
     def _sync(self) -> None:
+        self.exchange.round = self.round
         rows = self.algorithm.payload(self.group)
         update = self.exchange(rows) if rows is not None else None
         self.algorithm.apply(self.group, update)
@@ -119,10 +118,13 @@ class Trainer:
         return total / sum(x.shape[0] for x, _ in self.eval_set)
 
     def _comm_metrics(self) -> dict[str, float]:
-        return {
+        out = {
             M.BYTES_SENT: self.comm.sent.mean().item(),
             M.BYTES_RECV: self.comm.recv.mean().item(),
         }
+        if self.exchange.stats.excluded_total:
+            out[M.EXCLUDED] = self.exchange.stats.excluded
+        return out
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -190,6 +192,7 @@ class Trainer:
             "group": self.group.state_dict(),
             "algorithm": self.algorithm.state_dict(),
             "comm": self.comm.state_dict(),
+            "exchange": self.exchange.state_dict(),
             "samplers": [s.state_dict() for s in self.samplers],
             "rng": checkpoint.rng_state(),
         }
@@ -203,6 +206,7 @@ class Trainer:
         self.group.load_state_dict(state["group"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.comm.load_state_dict(state["comm"])
+        self.exchange.load_state_dict(state["exchange"])
         for sampler, s in zip(self.samplers, state["samplers"], strict=True):
             sampler.load_state_dict(s)
         checkpoint.set_rng_state(state["rng"])

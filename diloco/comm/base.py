@@ -37,11 +37,14 @@ class Communicator(Protocol):
     sent: torch.Tensor
     recv: torch.Tensor
 
-    def all_reduce_mean(self, rows: torch.Tensor) -> torch.Tensor:
-        """Mean over all workers of ``rows`` ``[K_local, ...]`` -> ``[...]``."""
+    def all_reduce_mean(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
+        """Mean over all workers of ``rows`` ``[K_local, ...]`` -> ``[...]``.
+
+        ``nbytes`` is one worker's payload as sent (e.g. encoded); default: the row's size.
+        """
         ...
 
-    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
         """Every worker's row, ``[K_local, ...]`` -> ``[K, ...]`` in global worker order."""
         ...
 

@@ -24,18 +24,18 @@ class InProcessComm:
         self.sent += sent
         self.recv += recv
 
-    def all_reduce_mean(self, rows: torch.Tensor) -> torch.Tensor:
+    def all_reduce_mean(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
         """Mean of the rows, in fp32; each worker is charged a ring all-reduce of its row."""
         self._check(rows)
-        nbytes = rows[0].numel() * rows.element_size()
+        nbytes = rows[0].numel() * rows.element_size() if nbytes is None else nbytes
         per_worker = ring_allreduce_bytes(self.num_workers, nbytes)
         self._count(per_worker, per_worker)
         return rows.float().mean(0)
 
-    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
         """All rows; each worker is charged a ring all-gather of its row."""
         self._check(rows)
-        nbytes = rows[0].numel() * rows.element_size()
+        nbytes = rows[0].numel() * rows.element_size() if nbytes is None else nbytes
         per_worker = allgather_bytes(self.num_workers, nbytes)
         self._count(per_worker, per_worker)
         return rows

@@ -1,0 +1,85 @@
+"""The exchange pipeline inside the trainer: codecs, attacks, validation, robust aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from diloco.config import ConfigError
+from diloco.trainer import Trainer
+from tests.helpers import TINY, make_config, synthetic_corpus
+
+DILOCO = (*TINY, "workers.count=4", "algorithm.inner_steps=5", "train.steps=40")
+
+
+def run(tmp_path, *overrides):
+    trainer = Trainer(make_config(*DILOCO, *overrides), tmp_path, synthetic_corpus())
+    return trainer, trainer.fit()
+
+
+def test_int8_codec_bytes_follow_the_encoding(tmp_path):
+    trainer, summary = run(tmp_path, "codec=int8", "codec.block=64")
+    p = trainer.group.num_params
+    encoded = p + 4 * math.ceil(p / 64)  # int8 codes + one fp32 scale per block
+    rounds = 40 // 5
+    expected = rounds * 2 * 3 / 4 * encoded  # ring all-reduce of the encoded payload
+    assert summary["comm_bytes_per_worker"] == pytest.approx(expected, rel=1e-12)
+    assert summary["final_eval_loss"] < 4.0
+
+
+def test_error_feedback_state_survives_a_checkpoint(tmp_path):
+    overrides = ("codec=topk", "codec.fraction=0.05")
+    a = Trainer(make_config(*DILOCO, *overrides), tmp_path / "a", synthetic_corpus())
+    a.fit()
+    b = Trainer(make_config(*DILOCO, *overrides), tmp_path / "b", synthetic_corpus())
+    for _ in range(4):  # stop half way, as a killed run would
+        for _ in range(5):
+            b._inner_step()
+        b._sync()
+    state = b.state_dict()
+    assert state["exchange"]["codec"]["residual"].abs().sum() > 0
+    c = Trainer(make_config(*DILOCO, *overrides), tmp_path / "c", synthetic_corpus())
+    c.load_state_dict(state)
+    c.fit()
+    assert torch.equal(a.group.global_param.data, c.group.global_param.data)
+
+
+def test_sign_flip_breaks_mean_but_not_trimmed_mean(tmp_path):
+    honest = run(tmp_path / "h")[1]["final_eval_loss"]
+    attack = ("attack=sign_flip", "attack.num_byzantine=1", "attack.scale=20.0")
+    broken = run(tmp_path / "m", *attack)[1]["final_eval_loss"]
+    robust = run(tmp_path / "t", *attack, "aggregator=trimmed_mean", "aggregator.f=1")[1]
+    assert broken > honest + 0.5
+    assert robust["final_eval_loss"] < honest + 0.1
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "huge", "wrong_shape", "wrong_dtype"])
+def test_malformed_payloads_are_excluded_and_the_run_goes_on(tmp_path, kind, caplog):
+    trainer, summary = run(tmp_path, "attack=malformed", f"attack.kind={kind}", "attack.ids=[2]")
+    assert math.isfinite(summary["final_eval_loss"])
+    assert torch.isfinite(trainer.group.global_param.data).all()
+    assert trainer.exchange.stats.excluded_total == 40 // 5  # once per round
+    assert "payload excluded: worker 2" in caplog.text
+
+
+def test_excluded_payloads_are_logged_as_metrics(tmp_path):
+    from diloco.metrics import JsonlLogger
+
+    trainer = Trainer(
+        make_config(*DILOCO, "attack=malformed", "attack.kind=nan"), tmp_path, synthetic_corpus()
+    )
+    logger = JsonlLogger(tmp_path / "metrics.jsonl")
+    trainer.fit(logger)
+    logger.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["adversary/excluded"] for r in rows if "round" in r] == [1] * 4  # steps 10..40
+
+
+def test_bad_plugin_values_name_their_key(tmp_path):
+    with pytest.raises(ConfigError, match="attack.num_byzantine=4"):
+        run(tmp_path, "attack=sign_flip", "attack.num_byzantine=4")
+    with pytest.raises(ConfigError, match="codec"):
+        run(tmp_path, "codec=int8", "codec.block=0")
