@@ -23,6 +23,19 @@ from torch import Tensor, nn
 __all__ = ["GPT"]
 
 
+def lm_loss(logits: Tensor, idx: Tensor, targets: Tensor | None) -> Tensor | None:
+    """Mean next-token cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]``."""
+    if targets is None:
+        return None
+    if targets.shape != idx.shape:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must match idx shape {tuple(idx.shape)}"
+        )
+    return F.cross_entropy(
+        rearrange(logits, "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)")
+    )
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r}")
@@ -196,16 +209,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        if targets is None:
-            return logits, None
-        if targets.shape != idx.shape:
-            raise ValueError(
-                f"targets shape {tuple(targets.shape)} must match idx shape {tuple(idx.shape)}"
-            )
-        loss = F.cross_entropy(
-            rearrange(logits, "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)")
-        )
-        return logits, loss
+        return logits, lm_loss(logits, idx, targets)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Count parameters (each shared Parameter once).

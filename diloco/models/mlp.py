@@ -9,11 +9,9 @@ milliseconds.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from diloco.models.gpt import _check_positive_int
+from diloco.models.gpt import _check_positive_int, lm_loss
 
 __all__ = ["TinyMLP"]
 
@@ -72,16 +70,7 @@ class TinyMLP(nn.Module):
                 f"sequence length T={idx.shape[1]} exceeds block_size={self.block_size}"
             )
         logits = self.fc_out(self.act(self.fc_in(self.tok_emb(idx))))
-        if targets is None:
-            return logits, None
-        if targets.shape != idx.shape:
-            raise ValueError(
-                f"targets shape {tuple(targets.shape)} must match idx shape {tuple(idx.shape)}"
-            )
-        loss = F.cross_entropy(
-            rearrange(logits, "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)")
-        )
-        return logits, loss
+        return logits, lm_loss(logits, idx, targets)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Count parameters; ``non_embedding`` leaves out the token embedding."""
