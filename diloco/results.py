@@ -40,3 +40,34 @@ class PrintSummaries(Callback):
         if rows:
             table = format_table(rows, SUMMARY_COLUMNS)
             log.info("sweep %s\n%s", config.hydra.sweep.dir, table)
+
+
+def eval_curve(run_dir: str | Path, x: str = "tokens") -> tuple[list[float], list[float]]:
+    """``(x values, eval losses)`` of a run, for rows where the eval loss was logged."""
+    rows = [r for r in load_metrics(run_dir) if "eval/loss" in r]
+    return [float(r[x]) for r in rows], [float(r["eval/loss"]) for r in rows]
+
+
+def plot_eval(runs: dict[str, str | Path], path: str | Path, title: str = "") -> None:
+    """Save a two-panel PNG: eval loss against tokens per worker and against bytes sent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run_dir in runs.items():
+        for ax, x in zip(axes, ("tokens", "comm/bytes_sent"), strict=True):
+            xs, ys = eval_curve(run_dir, x)
+            ax.plot(xs, ys, marker="o", label=label)
+    axes[0].set_xlabel("tokens per worker")
+    axes[1].set_xlabel("bytes sent per worker")
+    axes[1].set_xscale("log")
+    for ax in axes:
+        ax.set_ylabel("eval loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
