@@ -46,7 +46,7 @@ class TrainConfig:
     steps: int = field(default=600, metadata=_ge(1))
     batch_size: int = field(default=16, metadata=_ge(1))
     eval_every: int = field(default=100, metadata=_ge(1))
-    eval_batches: int = field(default=16, metadata=_ge(1))
+    eval_sequences: int = field(default=128, metadata=_ge(1))
     log_every: int = field(default=10, metadata=_ge(1))
     warmup_steps: int = field(default=50, metadata=_ge(0))
     lr_schedule: Literal["constant", "cosine"] = "cosine"

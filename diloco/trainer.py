@@ -30,11 +30,22 @@ from diloco import metrics as M
 from diloco.algorithms import Algorithm
 from diloco.comm import InProcessComm
 from diloco.comm.pipeline import ExchangePipeline
-from diloco.config import Config, build, build_optimizer
-from diloco.data import Corpus, ShardSampler, eval_batches, load_corpus, shard_indices
+from diloco.config import Config, ConfigError, build, build_optimizer
+from diloco.data import Corpus, ShardSampler, load_corpus, shard_indices
 from diloco.workers import Batch, WorkerGroup, lr_multiplier
 
 log = logging.getLogger(__name__)
+EVAL_BATCH = 32  # sequences per eval forward; the eval set does not depend on it
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name}", "not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}", "CUDA is not available on this machine")
+    return device
 
 
 class Trainer:
@@ -55,7 +66,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.corpus = corpus if corpus is not None else load_corpus(cfg.data)
         torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        self.device = _device(cfg.device)
         model = build(
             cfg.model, "model", vocab_size=self.corpus.vocab_size, block_size=cfg.data.seq_len
         ).to(self.device)
@@ -69,10 +80,8 @@ class Trainer:
             ShardSampler(self.corpus.train, shards[i], cfg.train.batch_size, cfg.seed, i)
             for i in worker_ids
         ]
-        self.eval_set = [
-            self._to_device(b)
-            for b in eval_batches(self.corpus, cfg.train.batch_size, cfg.train.eval_batches)
-        ]
+        held_out = self.corpus.eval[: cfg.train.eval_sequences].split(EVAL_BATCH)
+        self.eval_set = [self._to_device((s[:, :-1], s[:, 1:])) for s in held_out]
         self.step = 0
         self.round = 0
         self.wall_s = 0.0

@@ -50,7 +50,7 @@ def small_run(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
         "model.n_head=2",
         "model.n_embd=32",
         "train.batch_size=4",
-        "train.eval_batches=2",
+        "train.eval_sequences=8",
         "train.eval_every=40",
         f"hydra.run.dir={run_dir}",
         *QUIET,
@@ -67,6 +67,7 @@ def small_run(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
         ("train.steps=abc", "train.steps: got 'abc'; expected an integer"),
         ("optimizer.lr=-1", "optimizer: Invalid learning rate: -1"),
         ("data.path=/no/such/corpus", "/no/such/corpus"),
+        ("device=tpu9", "device=tpu9: not a torch device"),
     ],
 )
 def test_bad_config_exits_with_one_line(override, expected, tmp_path):
