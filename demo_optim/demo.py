@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,14 @@ every worker along a new leading dimension, in worker order."""
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    """``"bfloat16"`` or ``"torch.int16"`` -> the torch dtype (for configs that hold strings)."""
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Invalid dtype name: {name!r}")
+    return dtype
 
 
 def compact_index_dtype(n_coeffs: int) -> torch.dtype:
@@ -378,8 +386,8 @@ class DeMo(Optimizer):
         compression_chunk: int = 64,
         weight_decay: float = 0.0,
         gather_fn: GatherFn | None = None,
-        index_dtype: torch.dtype | Literal["auto"] | None = None,
-        value_dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype | str | None = None,
+        value_dtype: torch.dtype | str | None = None,
         sign_values: bool = False,
         alpha: float = 1.0,
     ) -> None:
@@ -388,6 +396,10 @@ class DeMo(Optimizer):
         )
         if gather_fn is not None and not callable(gather_fn):
             raise ValueError(f"Invalid gather_fn (must be callable or None): {gather_fn!r}")
+        if isinstance(index_dtype, str) and index_dtype != "auto":
+            index_dtype = _dtype_named(index_dtype)
+        if isinstance(value_dtype, str):
+            value_dtype = _dtype_named(value_dtype)
         if not (index_dtype is None or index_dtype == "auto" or index_dtype in _INDEX_DTYPES):
             raise ValueError(f"Invalid index_dtype (None, 'auto' or an int dtype): {index_dtype}")
         if not (value_dtype is None or value_dtype in _VALUE_DTYPES):

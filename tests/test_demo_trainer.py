@@ -68,3 +68,23 @@ def test_demo_needs_demo_optimizer(tmp_path):
     cfg = make_config(*TINY, "algorithm=demo", "optimizer=adamw")
     with pytest.raises(ConfigError, match="optimizer=demo"):
         Trainer(cfg, tmp_path, synthetic_corpus())
+
+
+def test_compact_indices_halve_the_bytes_without_changing_the_model(tmp_path):
+    corpus = synthetic_corpus()
+    common = (*DEMO, "workers.count=2", "train.steps=4")
+    wide = Trainer(make_config(*common), tmp_path / "a", corpus)
+    narrow = Trainer(make_config(*common, "optimizer.index_dtype=auto"), tmp_path / "b", corpus)
+    wide_bytes = wide.fit()["comm_bytes_per_worker"]
+    narrow_bytes = narrow.fit()["comm_bytes_per_worker"]
+    assert torch.equal(wide.group.params, narrow.group.params)
+    # chunk 8 -> at most 64 coefficients per chunk: uint8 indices (1 byte) instead of int64
+    assert narrow_bytes / wide_bytes == pytest.approx((1 + 4) / (8 + 4))
+
+
+def test_bf16_values_from_config(tmp_path):
+    overrides = (*DEMO, "workers.count=2", "train.steps=2", "optimizer.value_dtype=bfloat16")
+    trainer = Trainer(make_config(*overrides), tmp_path, synthetic_corpus())
+    payload_bytes = trainer.fit()["comm_bytes_per_worker"] / 2  # 2 steps, 1 peer
+    chunks_k = sum(t.numel() for t in trainer.group.optimizers[0].encode()[0::2])
+    assert payload_bytes == chunks_k * (8 + 2)
