@@ -59,6 +59,7 @@ class WorkersConfig:
     """How many workers train; all of them live in this process when simulating."""
 
     count: int = field(default=4, metadata=_ge(1))
+    step_time_s: float | None = field(default=None, metadata={"gt": 0.0})
 
 
 @dataclass
@@ -104,6 +105,8 @@ class CommConfig:
 
     backend: Literal["inprocess"] = "inprocess"
     max_abs: float | None = field(default=1.0e6, metadata={"gt": 0.0})
+    bandwidth_mbps: float = field(default=1000.0, metadata={"gt": 0.0})
+    latency_ms: float = field(default=0.0, metadata=_ge(0.0))
 
 
 @dataclass

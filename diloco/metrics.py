@@ -27,6 +27,8 @@ EVAL_BPB = "eval/bits_per_token"
 BYTES_SENT = "comm/bytes_sent"
 BYTES_RECV = "comm/bytes_recv"
 WALL_S = "time/wall_s"
+SIM_S = "time/sim_s"
+COMM_S = "time/comm_s"
 EXCLUDED = "adversary/excluded"
 ROUND = "round"
 TOKENS = "tokens"
@@ -112,7 +114,7 @@ class WandbLogger:
             id=run_id,
             resume="allow",
         )
-        for axis in (ROUND, TOKENS, WALL_S):
+        for axis in (ROUND, TOKENS, WALL_S, SIM_S):
             self.run.define_metric(axis)
         self.run.define_metric("*", step_metric="step")
 
@@ -173,4 +175,5 @@ SUMMARY_COLUMNS = [
     "final_eval_loss",
     "comm_bytes_per_worker",
     "wall_time_s",
+    "sim_time_s",
 ]

@@ -10,6 +10,8 @@ One round, as data::
     update = exchange(rows)                     attack, validation, codec, collective (bytes
                                                 counted), aggregation -> [P] fp32
     algorithm.apply(group, update)              outer step; workers resync
+    clock: modelled compute (configured or measured per worker) + network time of the
+           collectives run (bandwidth, latency; the slowest link bounds each exchange)
     eval, log, checkpoint
 
 The trainer is the only place that owns the run's state, so :meth:`Trainer.state_dict` is a
@@ -30,6 +32,7 @@ from diloco import metrics as M
 from diloco.algorithms import Algorithm
 from diloco.comm import InProcessComm
 from diloco.comm.pipeline import ExchangePipeline
+from diloco.comm.topology import NetworkModel
 from diloco.config import Config, ConfigError, build, build_optimizer
 from diloco.data import Corpus, ShardSampler, load_corpus, shard_indices
 from diloco.workers import Batch, WorkerGroup, lr_multiplier
@@ -85,6 +88,10 @@ class Trainer:
         self.step = 0
         self.round = 0
         self.wall_s = 0.0
+        self.sim_s = 0.0  # modelled: compute of the slowest worker plus network time
+        self.comm_s = 0.0
+        bw = cfg.comm.bandwidth_mbps
+        self.network = NetworkModel(bw, bw, cfg.comm.latency_ms)
         self.last_eval: float = float("nan")
         self.ckpt_path = self.run_dir / checkpoint.FILENAME
         self._start = time.perf_counter()
@@ -145,22 +152,34 @@ class Trainer:
         self._start = time.perf_counter() - self.wall_s
         while self.step < tc.steps:
             n = min(h, tc.steps - self.step)
+            started = time.perf_counter()
             for i in range(n):
                 row = self._inner_step()
                 if i < n - 1 and self.step % tc.log_every == 0:
                     logger.log(row, self.step)
+            self._advance_clock(n, time.perf_counter() - started)
             self._sync()
             self._end_round(row, n, logger)
         if self.step == 0 or self.last_eval != self.last_eval:  # nothing run, or never evaluated
             self.last_eval = self.evaluate()
         return self.summary()
 
+    def _advance_clock(self, steps: int, measured_s: float) -> None:
+        """Modelled compute of this round: configured step time, or measured per worker."""
+        step_time = self.cfg.workers.step_time_s
+        self.sim_s += steps * step_time if step_time else measured_s / self.group.size
+
     def _end_round(self, row: dict[str, float], n: int, logger: M.Logger) -> None:
         """After a sync: comm metrics, eval when due, log, checkpoint when due."""
         tc = self.cfg.train
         last = self.step >= tc.steps
         self.wall_s = time.perf_counter() - self._start
+        comm_s = sum(self.network.time(t, self.comm.num_workers, d) for t, d in self.comm.drain())
+        self.comm_s += comm_s
+        self.sim_s += comm_s
         row.update(self._comm_metrics())
+        row[M.COMM_S] = self.comm_s
+        row[M.SIM_S] = self.sim_s
         row[M.ROUND] = self.round
         row[M.TOKENS] = self.step * tc.batch_size * self.cfg.data.seq_len
         row[M.WALL_S] = self.wall_s
@@ -187,6 +206,8 @@ class Trainer:
             "comm_bytes_per_worker": self.comm.sent.mean().item(),
             "comm_bytes_total": self.comm.sent.sum().item(),
             "wall_time_s": self.wall_s,
+            "sim_time_s": self.sim_s,
+            "comm_time_s": self.comm_s,
         }
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -197,6 +218,8 @@ class Trainer:
             "step": self.step,
             "round": self.round,
             "wall_s": self.wall_s,
+            "sim_s": self.sim_s,
+            "comm_s": self.comm_s,
             "last_eval": self.last_eval,
             "group": self.group.state_dict(),
             "algorithm": self.algorithm.state_dict(),
@@ -211,6 +234,8 @@ class Trainer:
         self.step = state["step"]
         self.round = state["round"]
         self.wall_s = state["wall_s"]
+        self.sim_s = state["sim_s"]
+        self.comm_s = state["comm_s"]
         self.last_eval = state["last_eval"]
         self.group.load_state_dict(state["group"])
         self.algorithm.load_state_dict(state["algorithm"])

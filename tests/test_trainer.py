@@ -140,3 +140,19 @@ def test_training_reduces_eval_loss(tmp_path):
     before = trainer.evaluate()
     after = trainer.fit()["final_eval_loss"]
     assert after < before - 1.0
+
+
+def test_modelled_time_is_compute_plus_ring_allreduce_time(tmp_path):
+    k, steps, h = 4, 10, 5
+    common = (*TINY, f"workers.count={k}", f"train.steps={steps}", "workers.step_time_s=0.5",
+              "comm.bandwidth_mbps=100", "comm.latency_ms=20")  # fmt: skip
+    corpus = synthetic_corpus()
+    runs = {"ddp": ("algorithm=ddp",), "diloco": (f"algorithm.inner_steps={h}",)}
+    for algo, syncs in (("ddp", steps), ("diloco", steps // h)):
+        cfg = make_config(*common, *runs[algo])
+        trainer = Trainer(cfg, tmp_path / algo, corpus)
+        summary = trainer.fit()
+        d = 4 * trainer.group.num_params  # fp32 payload
+        per_sync = 2 * (k - 1) / k * d / (100 * 125_000) + 2 * (k - 1) * 0.020
+        assert summary["comm_time_s"] == pytest.approx(syncs * per_sync, rel=1e-9)
+        assert summary["sim_time_s"] == pytest.approx(steps * 0.5 + syncs * per_sync, rel=1e-9)

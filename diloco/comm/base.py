@@ -9,9 +9,12 @@ workers are simulated or real.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from diloco.comm.topology import Topology
 
 
 def ring_allreduce_bytes(n: int, nbytes: float) -> float:
@@ -46,6 +49,10 @@ class Communicator(Protocol):
 
     def all_gather(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
         """Every worker's row, ``[K_local, ...]`` -> ``[K, ...]`` in global worker order."""
+        ...
+
+    def drain(self) -> list[tuple[Topology, float]]:
+        """Collectives since the last call as ``(topology, bytes per worker)``, for timing."""
         ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from diloco.comm.base import allgather_bytes, ring_allreduce_bytes
+from diloco.comm.topology import RingAllGather, RingAllReduce, Topology
 
 
 class InProcessComm:
@@ -19,17 +20,24 @@ class InProcessComm:
         self.num_workers = num_workers
         self.sent = torch.zeros(num_workers, dtype=torch.float64)
         self.recv = torch.zeros(num_workers, dtype=torch.float64)
+        self.pending: list[tuple[Topology, float]] = []
 
-    def _count(self, sent: float, recv: float) -> None:
+    def _count(self, topology: Topology, nbytes: float, sent: float, recv: float) -> None:
         self.sent += sent
         self.recv += recv
+        self.pending.append((topology, nbytes))
+
+    def drain(self) -> list[tuple[Topology, float]]:
+        """The collectives run since the last call, as ``(topology, bytes per worker)``."""
+        done, self.pending = self.pending, []
+        return done
 
     def all_reduce_mean(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
         """Mean of the rows, in fp32; each worker is charged a ring all-reduce of its row."""
         self._check(rows)
         nbytes = rows[0].numel() * rows.element_size() if nbytes is None else nbytes
         per_worker = ring_allreduce_bytes(self.num_workers, nbytes)
-        self._count(per_worker, per_worker)
+        self._count(RingAllReduce(), nbytes, per_worker, per_worker)
         return rows.float().mean(0)
 
     def all_gather(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
@@ -37,7 +45,7 @@ class InProcessComm:
         self._check(rows)
         nbytes = rows[0].numel() * rows.element_size() if nbytes is None else nbytes
         per_worker = allgather_bytes(self.num_workers, nbytes)
-        self._count(per_worker, per_worker)
+        self._count(RingAllGather(), nbytes, per_worker, per_worker)
         return rows
 
     def _check(self, rows: torch.Tensor) -> None:
