@@ -25,60 +25,15 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
-from torch import Tensor, nn
+from torch import nn
 
 from demo_optim import DeMo, payload_nbytes
-
-
-class _Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.n_head = n_head
-        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.out_proj = nn.Linear(n_embd, n_embd, bias=False)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
-        self.up_proj = nn.Linear(n_embd, 4 * n_embd, bias=False)
-        self.down_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = rearrange(
-            self.qkv(self.ln_1(x)), "b t (three h d) -> three b h t d", three=3, h=self.n_head
-        ).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.out_proj(rearrange(y, "b h t d -> b t (h d)"))
-        return x + self.down_proj(F.gelu(self.up_proj(self.ln_2(x))))
-
-
-class _FallbackGPT(nn.Module):
-    """Same parameter shapes as ``diloco.models.GPT`` (no biases, tied head)."""
-
-    def __init__(self, vocab_size: int, block_size: int, *, n_layer: int, n_head: int, n_embd: int):
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab_size, n_embd)
-        self.pos_emb = nn.Embedding(block_size, n_embd)
-        self.blocks = nn.ModuleList(_Block(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd, bias=False)
-
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.ln_f(x) @ self.tok_emb.weight.T
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
+from diloco.models import GPT
 
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     kwargs = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd}
-    try:
-        from diloco.models import GPT
-
-        return GPT(args.vocab_size, args.block_size, **kwargs), "diloco.models.GPT"
-    except Exception:  # diloco missing or incompatible: same shapes, local module
-        return _FallbackGPT(args.vocab_size, args.block_size, **kwargs), "fallback"
+    return GPT(args.vocab_size, args.block_size, **kwargs), "diloco.models.GPT"
 
 
 def device_name(device: torch.device) -> str:
@@ -123,8 +78,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--n-head", type=int, default=6)
+    parser.add_argument("--n-embd", type=int, default=192)
     parser.add_argument("--compression-topk", type=int, default=32)
     parser.add_argument("--compression-chunk", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: keep)")
