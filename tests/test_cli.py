@@ -101,9 +101,13 @@ def test_debug_experiment_writes_metrics_summary_and_wandb_offline(tmp_path):
     assert "final_eval_loss" in out.stdout  # the console summary table
 
 
-def test_diloco_vs_ddp_experiment_prints_both(tmp_path):
+@pytest.mark.parametrize(
+    ("experiment", "algorithms"),
+    [("diloco_vs_ddp", ["ddp", "diloco"]), ("demo_vs_ddp", ["ddp", "demo"])],
+)
+def test_comparison_experiments_print_both(experiment, algorithms, tmp_path):
     out = cli(
-        "experiment=diloco_vs_ddp",
+        f"experiment={experiment}",
         "model=mlp",
         "train.steps=10",
         "data.seq_len=32",
@@ -115,9 +119,14 @@ def test_diloco_vs_ddp_experiment_prints_both(tmp_path):
         (json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")),
         key=lambda s: s["algorithm"],
     )
-    assert [s["algorithm"] for s in summaries] == ["ddp", "diloco"]
+    assert [s["algorithm"] for s in summaries] == algorithms
     table = out.stdout.split("sweep")[-1]
-    assert "ddp" in table and "diloco" in table
+    assert all(a in table for a in algorithms)
+
+
+def test_every_experiment_config_is_tested():
+    names = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
+    assert names == {"debug", "diloco_vs_ddp", "demo_vs_ddp"}  # add a test with each new one
 
 
 def _final_state(run_dir: Path) -> dict:
