@@ -112,6 +112,7 @@ class Trainer:
         mult = lr_multiplier(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
         self.algorithm.step_optimizers(self.group, self.comm.all_gather, mult)
         self.step += 1
+        self.algorithm.after_step(self.group, self.step)
         lr = self.group.optimizers[0].param_groups[0]["lr"]
         return {M.TRAIN_LOSS: losses.mean().item(), M.TRAIN_GRAD_NORM: norms.mean().item(),
                 M.TRAIN_LR: lr}  # fmt: skip
@@ -119,7 +120,7 @@ class Trainer:
     def _sync(self) -> None:
         self.exchange.round = self.round
         rows = self.algorithm.payload(self.group)
-        update = self.exchange(rows) if rows is not None else None
+        update = None if rows is None else self.exchange(rows, self.algorithm.payload_key)
         self.algorithm.apply(self.group, update)
         self.round += 1
 

@@ -40,7 +40,7 @@ def test_error_feedback_state_survives_a_checkpoint(tmp_path):
             b._inner_step()
         b._sync()
     state = b.state_dict()
-    assert state["exchange"]["codec"]["residual"].abs().sum() > 0
+    assert state["exchange"]["codecs"][""]["residual"].abs().sum() > 0
     c = Trainer(make_config(*DILOCO, *overrides), tmp_path / "c", synthetic_corpus())
     c.load_state_dict(state)
     c.fit()

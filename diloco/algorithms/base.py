@@ -17,8 +17,17 @@ import torch
 
 from diloco.workers import WorkerGroup
 
-Exchange = Callable[[torch.Tensor], torch.Tensor]
-"""Reduces payload rows ``[K_local, P]`` from every worker to one fp32 update ``[P]``."""
+
+class Exchange(Protocol):
+    """Reduces payload rows ``[K_local, P]`` from every worker to one fp32 update ``[P]``.
+
+    ``key`` names the payload stream (codec state such as error feedback is per stream).
+    """
+
+    def __call__(self, rows: torch.Tensor, key: str = "") -> torch.Tensor:
+        """Exchange and aggregate ``rows``."""
+        ...
+
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """All-gathers rows ``[K_local, ...]`` into ``[K, ...]`` in global worker order (bytes counted)."""
@@ -29,6 +38,7 @@ class Algorithm(Protocol):
 
     name: str
     inner_steps: int
+    payload_key: str
 
     def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
         """Called after every backward, before clipping and the inner optimizer step."""
@@ -36,6 +46,10 @@ class Algorithm(Protocol):
 
     def step_optimizers(self, group: WorkerGroup, gather: Gather, lr_mult: float) -> None:
         """The inner optimizer step of every worker (DeMo exchanges its coefficients here)."""
+        ...
+
+    def after_step(self, group: WorkerGroup, step: int) -> None:
+        """Called after every inner step (``step`` counts steps done), e.g. delayed merges."""
         ...
 
     def payload(self, group: WorkerGroup) -> torch.Tensor | None:
@@ -60,6 +74,7 @@ class AlgorithmBase:
 
     name = "base"
     inner_steps = 1
+    payload_key = ""  # names the payload stream of the round (per-stream codec state)
 
     def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
         """No gradient exchange."""
@@ -67,6 +82,9 @@ class AlgorithmBase:
     def step_optimizers(self, group: WorkerGroup, gather: Gather, lr_mult: float) -> None:
         """Every worker steps its own inner optimizer."""
         group.optimizer_step(lr_mult)
+
+    def after_step(self, group: WorkerGroup, step: int) -> None:
+        """Nothing to do between steps."""
 
     def payload(self, group: WorkerGroup) -> torch.Tensor | None:
         """Nothing to exchange at the round end."""

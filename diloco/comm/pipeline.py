@@ -17,7 +17,9 @@ config (no codec, no attack, mean) the pipeline is exactly ``comm.all_reduce_mea
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,14 +89,15 @@ class ExchangePipeline:
     def __init__(
         self,
         comm: Communicator,
-        codec: Codec | None = None,
+        codec: Callable[[], Codec] | None = None,
         aggregator: Aggregator | None = None,
         attack: Attack | None = None,
         byzantine: torch.Tensor | None = None,
         max_abs: float | None = None,
     ) -> None:
         self.comm = comm
-        self.codec = codec or NoCodec()
+        self.new_codec = codec or NoCodec
+        self.codecs: dict[str, Codec] = {}
         self.aggregator = aggregator or Mean()
         self.attack = attack
         self.byzantine = (
@@ -110,15 +113,27 @@ class ExchangePipeline:
         name, kwargs = _named(cfg.aggregator, "aggregator")
         atk, mask = build_attack_node(cfg.attack, comm.num_workers)
         agg = build_aggregator(name, **kwargs)
-        return cls(comm, build_codec_node(cfg.codec), agg, atk, mask, cfg.comm.max_abs)
+        build_codec_node(cfg.codec)  # validate now, not at the first exchange
+        codec = functools.partial(build_codec_node, cfg.codec)
+        return cls(comm, codec, agg, atk, mask, cfg.comm.max_abs)
 
     @property
     def plain_mean(self) -> bool:
         """True when a ring all-reduce of the (encoded) rows gives the result."""
         return self.attack is None and type(self.aggregator) is Mean
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """Reduce payload rows ``[K, P]`` to one fp32 update ``[P]``."""
+    def codec(self, key: str = "") -> Codec:
+        """The codec (and its error-feedback state) of payload stream ``key``."""
+        if key not in self.codecs:
+            self.codecs[key] = self.new_codec()
+        return self.codecs[key]
+
+    def __call__(self, rows: torch.Tensor, key: str = "") -> torch.Tensor:
+        """Reduce payload rows ``[K, P]`` to one fp32 update ``[P]``.
+
+        ``key`` names the payload stream (e.g. a Streaming DiLoCo fragment) so codec state
+        such as error-feedback residuals is kept per stream.
+        """
         payloads: list[Any] = list(rows)
         if self.attack is not None:
             if isinstance(self.attack, Malformed):
@@ -132,8 +147,9 @@ class ExchangePipeline:
         clean = torch.stack([payloads[i] for i in range(len(payloads)) if i in ok]) if ok else None
         if clean is None:
             raise RuntimeError(f"round {self.round}: every payload was rejected")
-        enc = self.codec.encode(self._full(clean, ok, rows))
-        decoded = self.codec.decode(enc)
+        codec = self.codec(key)
+        enc = codec.encode(self._full(clean, ok, rows))
+        decoded = codec.decode(enc)
         nbytes = enc.nbytes_per_worker()
         if self.plain_mean and len(ok) == rows.shape[0]:
             return self.comm.all_reduce_mean(decoded, nbytes=nbytes)
@@ -162,7 +178,8 @@ class ExchangePipeline:
 
     def state_dict(self) -> dict[str, Any]:
         """Codec (error-feedback residuals), aggregator and attack state."""
-        parts: dict[str, Any] = {"codec": self.codec.state_dict(), "stats": vars(self.stats)}
+        parts: dict[str, Any] = {"stats": dict(vars(self.stats))}
+        parts["codecs"] = {key: c.state_dict() for key, c in self.codecs.items()}
         parts["aggregator"] = self.aggregator.state_dict()
         if self.attack is not None:
             parts["attack"] = self.attack.state_dict()
@@ -170,7 +187,8 @@ class ExchangePipeline:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.codec.load_state_dict(state["codec"])
+        for key, codec_state in state["codecs"].items():
+            self.codec(key).load_state_dict(codec_state)
         self.aggregator.load_state_dict(state["aggregator"])
         self.stats = ExchangeStats(**state["stats"])
         if self.attack is not None:
