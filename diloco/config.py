@@ -104,6 +104,7 @@ class CommConfig:
     """The communicator that moves payloads between workers."""
 
     backend: Literal["inprocess"] = "inprocess"
+    topology: Literal["ring", "butterfly", "parameter_server", "object_store"] = "ring"
     max_abs: float | None = field(default=1.0e6, metadata={"gt": 0.0})
     bandwidth_mbps: float = field(default=1000.0, metadata={"gt": 0.0})
     latency_ms: float = field(default=0.0, metadata=_ge(0.0))

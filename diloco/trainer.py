@@ -63,7 +63,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus | None = None) -> None:
         self.cfg = cfg
-        self.comm = InProcessComm(cfg.workers.count)
+        self.comm = InProcessComm(cfg.workers.count, cfg.comm.topology)
         self.exchange = ExchangePipeline.from_config(self.comm, cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)

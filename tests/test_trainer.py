@@ -156,3 +156,23 @@ def test_modelled_time_is_compute_plus_ring_allreduce_time(tmp_path):
         per_sync = 2 * (k - 1) / k * d / (100 * 125_000) + 2 * (k - 1) * 0.020
         assert summary["comm_time_s"] == pytest.approx(syncs * per_sync, rel=1e-9)
         assert summary["sim_time_s"] == pytest.approx(steps * 0.5 + syncs * per_sync, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("topology", "sent", "recv"),
+    [
+        ("ring", lambda n, d: 2 * (n - 1) / n * d, lambda n, d: 2 * (n - 1) / n * d),
+        ("butterfly", lambda n, d: 2 * (n - 1) / n * d, lambda n, d: 2 * (n - 1) / n * d),
+        ("parameter_server", lambda n, d: d, lambda n, d: d),
+        ("object_store", lambda n, d: d, lambda n, d: (n - 1) * d),
+    ],
+)
+def test_topology_sets_bytes_per_worker(tmp_path, topology, sent, recv):
+    k, rounds = 4, 2
+    cfg = make_config(*TINY, f"workers.count={k}", "algorithm.inner_steps=5", "train.steps=10",
+                      f"comm.topology={topology}")  # fmt: skip
+    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer.fit()
+    d = 4 * trainer.group.num_params
+    assert trainer.comm.sent[0].item() == pytest.approx(rounds * sent(k, d), rel=1e-12)
+    assert trainer.comm.recv[0].item() == pytest.approx(rounds * recv(k, d), rel=1e-12)

@@ -4,25 +4,43 @@ from __future__ import annotations
 
 import torch
 
-from diloco.comm.base import allgather_bytes, ring_allreduce_bytes
-from diloco.comm.topology import RingAllGather, RingAllReduce, Topology
+from diloco.comm.topology import (
+    ButterflyAllReduce,
+    ObjectStore,
+    ParameterServer,
+    RingAllGather,
+    RingAllReduce,
+    Topology,
+)
+
+# comm.topology -> (how a mean is reduced, how rows are gathered)
+TOPOLOGIES: dict[str, tuple[Topology, Topology]] = {
+    "ring": (RingAllReduce(), RingAllGather()),
+    "butterfly": (ButterflyAllReduce(), RingAllGather()),
+    "parameter_server": (ParameterServer(), ObjectStore()),
+    "object_store": (ObjectStore(), ObjectStore()),
+}
 
 
 class InProcessComm:
     """Simulated communicator for ``num_workers`` workers that all live in this process.
 
-    ``all_reduce_mean`` is accounted as a ring all-reduce and ``all_gather`` as a ring
-    all-gather; the payload size is that of one worker's row as it is actually laid out
-    (``numel * element_size`` of the encoded tensor).
+    Bytes are charged per worker by the topology (``comm.topology``): a ring all-reduce
+    (``2 (n-1)/n d`` each way) and ring all-gather (``(n-1) d``) by default; butterfly
+    all-reduce; a parameter server (``d`` each way; a gather is relayed like an object store);
+    or an object store (upload ``d`` once, download ``(n-1) d``). ``d`` is one worker's
+    payload as it is actually laid out (``numel * element_size`` of the encoded tensors).
     """
 
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, topology: str = "ring") -> None:
         self.num_workers = num_workers
+        self.reduce_topology, self.gather_topology = TOPOLOGIES[topology]
         self.sent = torch.zeros(num_workers, dtype=torch.float64)
         self.recv = torch.zeros(num_workers, dtype=torch.float64)
         self.pending: list[tuple[Topology, float]] = []
 
-    def _count(self, topology: Topology, nbytes: float, sent: float, recv: float) -> None:
+    def _count(self, topology: Topology, nbytes: float) -> None:
+        sent, recv = topology.bytes(self.num_workers, nbytes)
         self.sent += sent
         self.recv += recv
         self.pending.append((topology, nbytes))
@@ -33,19 +51,17 @@ class InProcessComm:
         return done
 
     def all_reduce_mean(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
-        """Mean of the rows, in fp32; each worker is charged a ring all-reduce of its row."""
+        """Mean of the rows, in fp32; bytes charged by the reduce topology."""
         self._check(rows)
         nbytes = rows[0].numel() * rows.element_size() if nbytes is None else nbytes
-        per_worker = ring_allreduce_bytes(self.num_workers, nbytes)
-        self._count(RingAllReduce(), nbytes, per_worker, per_worker)
+        self._count(self.reduce_topology, nbytes)
         return rows.float().mean(0)
 
     def all_gather(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
-        """All rows; each worker is charged a ring all-gather of its row."""
+        """All rows; bytes charged by the gather topology."""
         self._check(rows)
         nbytes = rows[0].numel() * rows.element_size() if nbytes is None else nbytes
-        per_worker = allgather_bytes(self.num_workers, nbytes)
-        self._count(RingAllGather(), nbytes, per_worker, per_worker)
+        self._count(self.gather_topology, nbytes)
         return rows
 
     def _check(self, rows: torch.Tensor) -> None:
