@@ -83,3 +83,23 @@ def test_bad_plugin_values_name_their_key(tmp_path):
         run(tmp_path, "attack=sign_flip", "attack.num_byzantine=4")
     with pytest.raises(ConfigError, match="codec"):
         run(tmp_path, "codec=int8", "codec.block=0")
+
+
+def test_sparse_payloads_are_all_gathered(tmp_path):
+    trainer, summary = run(
+        tmp_path, "codec=topk", "codec.fraction=0.1", "codec.error_feedback=false"
+    )
+    p = trainer.group.num_params
+    k = math.ceil(0.1 * p)
+    index_bytes = math.ceil(k * max(1, (p - 1).bit_length()) / 8)
+    expected = (40 // 5) * 3 * (4 * k + index_bytes)  # all-gather: (n-1) payloads per round
+    assert summary["comm_bytes_per_worker"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_sparseloco_config_runs(tmp_path):
+    cfg = make_config(*DILOCO, "algorithm=sparseloco", "codec.sparsifier.fraction=0.2")
+    assert cfg.codec["name"] == "compose" and cfg.algorithm["name"] == "sparseloco"
+    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    before = trainer.evaluate()
+    summary = trainer.fit()
+    assert summary["final_eval_loss"] < before - 0.2

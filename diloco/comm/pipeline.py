@@ -6,8 +6,9 @@
       -> attack               Byzantine workers rewrite their rows, honest rows in view
       -> validate             untrusted input: shape, dtype, finite; bad rows excluded, logged
       -> codec.encode         quantize / sparsify in transit (error feedback per worker)
-      -> collective           ring all-reduce when the result is a plain mean and nothing is
-                              to be inspected, else all-gather; bytes counted from the encoding
+      -> collective           all-reduce when the result is a plain mean of a dense payload
+                              and nothing is to be inspected, else all-gather; bytes counted
+                              from the encoding
       -> codec.decode         back to fp32
       -> aggregator           [n_ok, P] -> [P] in fp32 (mean, median, Krum, ...)
 
@@ -29,7 +30,14 @@ from diloco.adversary.aggregators import Aggregator, Mean, build_aggregator
 from diloco.adversary.attacks import Attack, Malformed, build_attack
 from diloco.adversary.validate import validate_payloads
 from diloco.comm.base import Communicator
-from diloco.comm.codecs import Codec, ErrorFeedback, NoCodec, build_codec
+from diloco.comm.codecs import (
+    Codec,
+    Compose,
+    ErrorFeedback,
+    NoCodec,
+    Sparsifier,
+    build_codec,
+)
 from diloco.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -75,6 +83,13 @@ def build_attack_node(node: dict[str, Any], num_workers: int) -> tuple[Attack | 
     return build_attack(name, **kwargs), mask
 
 
+def is_sparse(codec: Codec) -> bool:
+    """True when the codec sends index/value pairs (summing them in a ring densifies them)."""
+    if isinstance(codec, ErrorFeedback):
+        return is_sparse(codec.codec)
+    return isinstance(codec, Sparsifier | Compose)
+
+
 @dataclass
 class ExchangeStats:
     """What the last exchange did: rows excluded and why."""
@@ -117,10 +132,13 @@ class ExchangePipeline:
         codec = functools.partial(build_codec_node, cfg.codec)
         return cls(comm, codec, agg, atk, mask, cfg.comm.max_abs)
 
-    @property
-    def plain_mean(self) -> bool:
-        """True when a ring all-reduce of the (encoded) rows gives the result."""
-        return self.attack is None and type(self.aggregator) is Mean
+    def plain_mean(self, codec: Codec) -> bool:
+        """True when an all-reduce of the (encoded) rows gives the result.
+
+        Otherwise the rows are all-gathered: robust aggregators and validation need every
+        row, and sparse payloads are gathered as (index, value) pairs (as Templar does).
+        """
+        return self.attack is None and type(self.aggregator) is Mean and not is_sparse(codec)
 
     def codec(self, key: str = "") -> Codec:
         """The codec (and its error-feedback state) of payload stream ``key``."""
@@ -151,7 +169,7 @@ class ExchangePipeline:
         enc = codec.encode(self._full(clean, ok, rows))
         decoded = codec.decode(enc)
         nbytes = enc.nbytes_per_worker()
-        if self.plain_mean and len(ok) == rows.shape[0]:
+        if self.plain_mean(codec) and len(ok) == rows.shape[0]:
             return self.comm.all_reduce_mean(decoded, nbytes=nbytes)
         gathered = self.comm.all_gather(decoded, nbytes=nbytes)[ok]
         finite = torch.isfinite(gathered).all(dim=1)
