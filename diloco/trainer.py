@@ -95,6 +95,7 @@ class Trainer:
         self.last_eval: float = float("nan")
         self.ckpt_path = self.run_dir / checkpoint.FILENAME
         self._start = time.perf_counter()
+        self._step_s = 0.0
 
     def _to_device(self, batch: Batch) -> Batch:
         x, y = batch
@@ -168,7 +169,9 @@ class Trainer:
     def _advance_clock(self, steps: int, measured_s: float) -> None:
         """Modelled compute of this round: configured step time, or measured per worker."""
         step_time = self.cfg.workers.step_time_s
-        self.sim_s += steps * step_time if step_time else measured_s / self.group.size
+        compute_s = steps * step_time if step_time else measured_s / self.group.size
+        self._step_s = compute_s / steps
+        self.sim_s += compute_s
 
     def _end_round(self, row: dict[str, float], n: int, logger: M.Logger) -> None:
         """After a sync: comm metrics, eval when due, log, checkpoint when due."""
@@ -177,7 +180,9 @@ class Trainer:
         self.wall_s = time.perf_counter() - self._start
         comm_s = sum(self.network.time(t, self.comm.num_workers, d) for t, d in self.comm.drain())
         self.comm_s += comm_s
-        self.sim_s += comm_s
+        # an algorithm that overlaps its exchange with the next inner steps hides that much
+        hidden = self.algorithm.overlap_steps * self._step_s
+        self.sim_s += max(0.0, comm_s - hidden)
         row.update(self._comm_metrics())
         row[M.COMM_S] = self.comm_s
         row[M.SIM_S] = self.sim_s
@@ -198,7 +203,7 @@ class Trainer:
         return {
             "algorithm": self.algorithm.name,
             "workers": self.cfg.workers.count,
-            "inner_steps": self.algorithm.inner_steps,
+            "inner_steps": self.cfg.algorithm.get("inner_steps", self.algorithm.inner_steps),
             "steps": self.step,
             "rounds": self.round,
             "params": self.group.num_params,

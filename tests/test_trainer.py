@@ -176,3 +176,21 @@ def test_topology_sets_bytes_per_worker(tmp_path, topology, sent, recv):
     d = 4 * trainer.group.num_params
     assert trainer.comm.sent[0].item() == pytest.approx(rounds * sent(k, d), rel=1e-12)
     assert trainer.comm.recv[0].item() == pytest.approx(rounds * recv(k, d), rel=1e-12)
+
+
+def test_streaming_overlap_hides_tau_steps_of_communication(tmp_path):
+    k, steps = 4, 20
+    common = (*TINY, f"workers.count={k}", f"train.steps={steps}", "workers.step_time_s=0.5",
+              "comm.bandwidth_mbps=0.01", "algorithm=streaming_diloco",
+              "algorithm.inner_steps=10", "algorithm.fragments=2")  # fmt: skip
+    corpus = synthetic_corpus()
+    times = {}
+    for tau in (0, 2):
+        trainer = Trainer(make_config(*common, f"algorithm.tau={tau}"), tmp_path / f"{tau}", corpus)
+        summary = trainer.fit()
+        times[tau] = (summary["sim_time_s"], summary["comm_time_s"])
+    syncs = steps // 5
+    assert times[0][1] == times[2][1] > syncs * 2 * 0.5  # each exchange longer than 2 steps
+    assert times[0][0] == pytest.approx(steps * 0.5 + times[0][1])
+    assert times[2][0] == pytest.approx(times[0][0] - syncs * 2 * 0.5)  # tau=2 steps hidden
+    assert summary["inner_steps"] == 10  # H, not the round length H/P

@@ -39,6 +39,7 @@ class Algorithm(Protocol):
     name: str
     inner_steps: int
     payload_key: str
+    overlap_steps: int
 
     def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
         """Called after every backward, before clipping and the inner optimizer step."""
@@ -75,6 +76,7 @@ class AlgorithmBase:
     name = "base"
     inner_steps = 1
     payload_key = ""  # names the payload stream of the round (per-stream codec state)
+    overlap_steps = 0  # inner steps the round's exchange runs behind (hidden in modelled time)
 
     def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
         """No gradient exchange."""

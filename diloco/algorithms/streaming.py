@@ -96,6 +96,7 @@ class StreamingDiLoCo(AlgorithmBase):
         self.inner_steps = h // p
         self.fragments = p
         self.tau = cfg.tau
+        self.overlap_steps = cfg.tau  # the exchange runs behind tau inner steps
         self.alpha = cfg.alpha
         self.indices = fragment_indices(group.global_model, p)
         factory = build_optimizer(cfg.outer_optimizer, "algorithm.outer_optimizer")
