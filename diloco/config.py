@@ -108,6 +108,7 @@ class CommConfig:
     max_abs: float | None = field(default=1.0e6, metadata={"gt": 0.0})
     bandwidth_mbps: float = field(default=1000.0, metadata={"gt": 0.0})
     latency_ms: float = field(default=0.0, metadata=_ge(0.0))
+    what_if_mbps: list[float] = field(default_factory=list)
 
 
 @dataclass

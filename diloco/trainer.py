@@ -30,9 +30,9 @@ import torch
 from diloco import checkpoint
 from diloco import metrics as M
 from diloco.algorithms import Algorithm
+from diloco.clock import SimClock
 from diloco.comm import InProcessComm
 from diloco.comm.pipeline import ExchangePipeline
-from diloco.comm.topology import NetworkModel
 from diloco.config import Config, ConfigError, build, build_optimizer
 from diloco.data import Corpus, ShardSampler, load_corpus, shard_indices
 from diloco.workers import Batch, WorkerGroup, lr_multiplier
@@ -88,14 +88,13 @@ class Trainer:
         self.step = 0
         self.round = 0
         self.wall_s = 0.0
-        self.sim_s = 0.0  # modelled: compute of the slowest worker plus network time
-        self.comm_s = 0.0
-        bw = cfg.comm.bandwidth_mbps
-        self.network = NetworkModel(bw, bw, cfg.comm.latency_ms)
+        comm = cfg.comm
+        self.clock = SimClock(
+            comm.bandwidth_mbps, comm.latency_ms, comm.what_if_mbps, cfg.workers.step_time_s
+        )
         self.last_eval: float = float("nan")
         self.ckpt_path = self.run_dir / checkpoint.FILENAME
         self._start = time.perf_counter()
-        self._step_s = 0.0
 
     def _to_device(self, batch: Batch) -> Batch:
         x, y = batch
@@ -159,33 +158,22 @@ class Trainer:
                 row = self._inner_step()
                 if i < n - 1 and self.step % tc.log_every == 0:
                     logger.log(row, self.step)
-            self._advance_clock(n, time.perf_counter() - started)
+            self.clock.compute(n, time.perf_counter() - started, self.group.size)
             self._sync()
             self._end_round(row, n, logger)
         if self.step == 0 or self.last_eval != self.last_eval:  # nothing run, or never evaluated
             self.last_eval = self.evaluate()
         return self.summary()
 
-    def _advance_clock(self, steps: int, measured_s: float) -> None:
-        """Modelled compute of this round: configured step time, or measured per worker."""
-        step_time = self.cfg.workers.step_time_s
-        compute_s = steps * step_time if step_time else measured_s / self.group.size
-        self._step_s = compute_s / steps
-        self.sim_s += compute_s
-
     def _end_round(self, row: dict[str, float], n: int, logger: M.Logger) -> None:
         """After a sync: comm metrics, eval when due, log, checkpoint when due."""
         tc = self.cfg.train
         last = self.step >= tc.steps
         self.wall_s = time.perf_counter() - self._start
-        comm_s = sum(self.network.time(t, self.comm.num_workers, d) for t, d in self.comm.drain())
-        self.comm_s += comm_s
-        # an algorithm that overlaps its exchange with the next inner steps hides that much
-        hidden = self.algorithm.overlap_steps * self._step_s
-        self.sim_s += max(0.0, comm_s - hidden)
+        overlap = self.algorithm.overlap_steps
+        self.clock.exchange(self.comm.drain(), self.comm.num_workers, overlap)
         row.update(self._comm_metrics())
-        row[M.COMM_S] = self.comm_s
-        row[M.SIM_S] = self.sim_s
+        row.update(self.clock.metrics())
         row[M.ROUND] = self.round
         row[M.TOKENS] = self.step * tc.batch_size * self.cfg.data.seq_len
         row[M.WALL_S] = self.wall_s
@@ -212,8 +200,7 @@ class Trainer:
             "comm_bytes_per_worker": self.comm.sent.mean().item(),
             "comm_bytes_total": self.comm.sent.sum().item(),
             "wall_time_s": self.wall_s,
-            "sim_time_s": self.sim_s,
-            "comm_time_s": self.comm_s,
+            **self.clock.summary(),
         }
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -224,8 +211,7 @@ class Trainer:
             "step": self.step,
             "round": self.round,
             "wall_s": self.wall_s,
-            "sim_s": self.sim_s,
-            "comm_s": self.comm_s,
+            "clock": self.clock.state_dict(),
             "last_eval": self.last_eval,
             "group": self.group.state_dict(),
             "algorithm": self.algorithm.state_dict(),
@@ -240,8 +226,7 @@ class Trainer:
         self.step = state["step"]
         self.round = state["round"]
         self.wall_s = state["wall_s"]
-        self.sim_s = state["sim_s"]
-        self.comm_s = state["comm_s"]
+        self.clock.load_state_dict(state["clock"])
         self.last_eval = state["last_eval"]
         self.group.load_state_dict(state["group"])
         self.algorithm.load_state_dict(state["algorithm"])

@@ -194,3 +194,14 @@ def test_streaming_overlap_hides_tau_steps_of_communication(tmp_path):
     assert times[0][0] == pytest.approx(steps * 0.5 + times[0][1])
     assert times[2][0] == pytest.approx(times[0][0] - syncs * 2 * 0.5)  # tau=2 steps hidden
     assert summary["inner_steps"] == 10  # H, not the round length H/P
+
+
+def test_what_if_bandwidths_model_the_same_run_at_other_speeds(tmp_path):
+    cfg = make_config(*TINY, "workers.count=4", "algorithm=ddp", "train.steps=6",
+                      "workers.step_time_s=0.1", "comm.bandwidth_mbps=1000",
+                      "comm.what_if_mbps=[100,10]")  # fmt: skip
+    summary = Trainer(cfg, tmp_path, synthetic_corpus()).fit()
+    comm = summary["comm_time_s"]
+    assert summary["comm_time_s@100mbps"] == pytest.approx(10 * comm)
+    assert summary["comm_time_s@10mbps"] == pytest.approx(100 * comm)
+    assert summary["sim_time_s@10mbps"] == pytest.approx(6 * 0.1 + 100 * comm)

@@ -1,0 +1,78 @@
+"""Modelled time: what a run would take on a given network, whatever machine simulates it.
+
+Each round adds the workers' compute (``steps * workers.step_time_s``, or the time measured
+here per worker when that is unset) and the network time of every collective the round ran
+(:class:`diloco.comm.topology.NetworkModel`: the slowest link bounds each exchange, plus
+latency per sequential step). An algorithm that overlaps its exchange with the next
+``overlap_steps`` inner steps (Streaming DiLoCo) hides up to that much compute time.
+
+Besides the configured bandwidth, ``comm.what_if_mbps`` lists bandwidths for which the same
+run's modelled time is also kept (``time/sim_s@100mbps``), since the training itself does
+not depend on the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from diloco.comm.topology import NetworkModel, Topology
+
+
+class SimClock:
+    """Modelled compute plus communication time, for one or more bandwidths."""
+
+    def __init__(
+        self,
+        bandwidth_mbps: float,
+        latency_ms: float = 0.0,
+        what_if_mbps: Sequence[float] = (),
+        step_time_s: float | None = None,
+    ) -> None:
+        self.step_time_s = step_time_s
+        self.networks = {"": NetworkModel(bandwidth_mbps, bandwidth_mbps, latency_ms)}
+        for bw in what_if_mbps:
+            self.networks[f"@{bw:g}mbps"] = NetworkModel(bw, bw, latency_ms)
+        self.sim_s = dict.fromkeys(self.networks, 0.0)
+        self.comm_s = dict.fromkeys(self.networks, 0.0)
+        self._step_s = 0.0
+
+    def compute(self, steps: int, measured_s: float, workers_here: int) -> None:
+        """Add a round's compute: configured step time, or measured time per worker."""
+        per_step = self.step_time_s or measured_s / workers_here / steps
+        compute_s = steps * per_step
+        self._step_s = compute_s / steps
+        for key in self.sim_s:
+            self.sim_s[key] += compute_s
+
+    def exchange(
+        self, collectives: list[tuple[Topology, float]], n: int, overlap_steps: int = 0
+    ) -> None:
+        """Add the network time of a round's collectives (``(topology, bytes)`` pairs)."""
+        hidden = overlap_steps * self._step_s
+        for key, network in self.networks.items():
+            comm_s = sum(network.time(topology, n, d) for topology, d in collectives)
+            self.comm_s[key] += comm_s
+            self.sim_s[key] += max(0.0, comm_s - hidden)
+
+    def metrics(self) -> dict[str, float]:
+        """``time/sim_s``, ``time/comm_s`` and their what-if variants."""
+        out = {f"time/sim_s{k}": v for k, v in self.sim_s.items()}
+        out.update({f"time/comm_s{k}": v for k, v in self.comm_s.items()})
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """``sim_time_s``, ``comm_time_s`` and their what-if variants."""
+        out = {f"sim_time_s{k}": v for k, v in self.sim_s.items()}
+        out.update({f"comm_time_s{k}": v for k, v in self.comm_s.items()})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Accumulated times."""
+        return {"sim_s": dict(self.sim_s), "comm_s": dict(self.comm_s), "step_s": self._step_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.sim_s.update(state["sim_s"])
+        self.comm_s.update(state["comm_s"])
+        self._step_s = state["step_s"]
