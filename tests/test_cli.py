@@ -124,9 +124,29 @@ def test_comparison_experiments_print_both(experiment, algorithms, tmp_path):
     assert all(a in table for a in algorithms)
 
 
+def test_comm_methods_experiment_runs_every_method(tmp_path):
+    out = cli(
+        "experiment=comm_methods",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=16",
+        "train.steps=4",
+        "data.seq_len=16",
+        "train.eval_sequences=4",
+        f"hydra.sweep.dir={tmp_path}",
+        *QUIET,
+    )
+    assert out.returncode == 0, out.stderr
+    summaries = [json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")]
+    assert sorted(s["algorithm"] for s in summaries) == sorted(
+        ["ddp", "diloco", "diloco", "diloco", "streaming_diloco", "sparseloco", "demo"]
+    )
+    assert all("sim_time_s@100mbps" in s for s in summaries)
+
+
 def test_every_experiment_config_is_tested():
     names = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
-    assert names == {"debug", "diloco_vs_ddp", "demo_vs_ddp"}  # add a test with each new one
+    assert names == {"debug", "diloco_vs_ddp", "demo_vs_ddp", "comm_methods"}  # test new ones
 
 
 def _final_state(run_dir: Path) -> dict:
