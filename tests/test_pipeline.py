@@ -10,7 +10,7 @@ import torch
 
 from diloco.config import ConfigError
 from diloco.trainer import Trainer
-from tests.helpers import TINY, make_config, synthetic_corpus
+from tests.helpers import REPO, TINY, make_config, synthetic_corpus
 
 DILOCO = (*TINY, "workers.count=4", "algorithm.inner_steps=5", "train.steps=40")
 
@@ -103,3 +103,13 @@ def test_sparseloco_config_runs(tmp_path):
     before = trainer.evaluate()
     summary = trainer.fit()
     assert summary["final_eval_loss"] < before - 0.2
+
+
+@pytest.mark.parametrize("codec", sorted(p.stem for p in (REPO / "conf" / "codec").glob("*.yaml")))
+def test_every_codec_config_trains(tmp_path, codec):
+    cfg = make_config(*DILOCO, f"codec={codec}", "train.steps=10")
+    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    before = trainer.evaluate()
+    summary = trainer.fit()
+    assert summary["final_eval_loss"] < before
+    assert summary["comm_bytes_per_worker"] > 0
