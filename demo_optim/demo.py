@@ -402,6 +402,13 @@ class DeMo(Optimizer):
             value_dtype = _dtype_named(value_dtype)
         if not (index_dtype is None or index_dtype == "auto" or index_dtype in _INDEX_DTYPES):
             raise ValueError(f"Invalid index_dtype (None, 'auto' or an int dtype): {index_dtype}")
+        if isinstance(index_dtype, torch.dtype):
+            largest = compression_chunk**2 - 1  # a 2-D chunk's last coefficient
+            if torch.iinfo(index_dtype).max < largest:
+                raise ValueError(
+                    f"Invalid index_dtype {index_dtype} for compression_chunk={compression_chunk}:"
+                    f" indices reach {largest}; use 'auto' or a wider dtype"
+                )
         if not (value_dtype is None or value_dtype in _VALUE_DTYPES):
             raise ValueError(f"Invalid value_dtype (None or a float dtype): {value_dtype}")
         if not isinstance(sign_values, bool):

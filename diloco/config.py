@@ -108,7 +108,7 @@ class CommConfig:
     max_abs: float | None = field(default=1.0e6, metadata={"gt": 0.0})
     bandwidth_mbps: float = field(default=1000.0, metadata={"gt": 0.0})
     latency_ms: float = field(default=0.0, metadata=_ge(0.0))
-    what_if_mbps: list[float] = field(default_factory=list)
+    what_if_mbps: list[float] = field(default_factory=list, metadata={"gt": 0.0})
 
 
 @dataclass
@@ -214,8 +214,10 @@ def from_dict(cls: type[T], node: dict[str, Any], prefix: str = "") -> T:
         key = f"{dotted}{name}"
         value = _convert(node[name], hints[name], key)
         for bound, (ok, sym) in _BOUNDS.items():
-            if bound in f.metadata and value is not None and not ok(value, f.metadata[bound]):
-                raise ConfigError(f"{key}={value}", f"must be {sym} {f.metadata[bound]}")
+            items = value if isinstance(value, list | tuple) else [value]
+            for item in items:
+                if bound in f.metadata and item is not None and not ok(item, f.metadata[bound]):
+                    raise ConfigError(f"{key}={value}", f"must be {sym} {f.metadata[bound]}")
         kwargs[name] = value
     return cls(**kwargs)
 

@@ -76,6 +76,15 @@ class Trainer:
         worker_ids = list(range(cfg.workers.count))
         self.group = WorkerGroup(model, worker_ids, build_optimizer(cfg.optimizer, "optimizer"))
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm", self.group)
+        defaults = ({"name": "none"}, {"name": "mean"}, {"name": "none"})
+        plugins = (cfg.codec, cfg.aggregator, cfg.attack)
+        if not self.algorithm.uses_exchange and any(
+            p["name"] != d["name"] for p, d in zip(plugins, defaults, strict=True)
+        ):
+            raise ConfigError(
+                f"algorithm={self.algorithm.name}",
+                "sends its own payloads; codec, aggregator and attack must stay at their defaults",
+            )
         shards = shard_indices(
             self.corpus, cfg.workers.count, cfg.data.shard, cfg.seed, cfg.data.dirichlet_alpha
         )

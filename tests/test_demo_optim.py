@@ -369,7 +369,7 @@ def test_param_group_learning_rates():
     opt.step()
     for p, b0, lr in ((a[0], before[0], 0.5), (b[0], before[1], 0.25)):
         steps = ((p.detach() - b0).abs() / lr).round(decimals=9).unique().tolist()
-        assert set(steps) <= {0.0, 1.0}
+        assert 1.0 in steps and set(steps) <= {0.0, 1.0}  # moved, by exactly its lr
     assert len(opt.encode()) == 2  # same geometry: one (indices, values) pair
 
 
@@ -513,9 +513,11 @@ def test_invalid_hyperparameters_raise(kwargs):
 
 
 def test_index_dtype_too_small_raises():
-    opt = DeMo(make_params([(32, 32)]), 0.1, index_dtype=torch.uint8, compression_chunk=32)
-    with pytest.raises(ValueError, match="index_dtype"):
-        opt.encode()
+    # caught at construction: a 32x32 chunk has indices up to 1023
+    with pytest.raises(ValueError, match="index_dtype.*indices reach 1023"):
+        DeMo(make_params([(32, 32)]), 0.1, index_dtype=torch.uint8, compression_chunk=32)
+    # a dtype that holds chunk**2 - 1 is accepted
+    DeMo(make_params([(32, 32)]), 0.1, index_dtype=torch.int16, compression_chunk=32).encode()
 
 
 def test_compact_indices_and_bf16_values():

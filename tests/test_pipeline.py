@@ -40,7 +40,7 @@ def test_error_feedback_state_survives_a_checkpoint(tmp_path):
             b._inner_step()
         b._sync()
     state = b.state_dict()
-    assert state["exchange"]["codecs"][""]["residual"].abs().sum() > 0
+    assert state["exchange"]["streams"][""]["codec"]["residual"].abs().sum() > 0
     c = Trainer(make_config(*DILOCO, *overrides), tmp_path / "c", synthetic_corpus())
     c.load_state_dict(state)
     c.fit()
@@ -113,3 +113,42 @@ def test_every_codec_config_trains(tmp_path, codec):
     summary = trainer.fit()
     assert summary["final_eval_loss"] < before
     assert summary["comm_bytes_per_worker"] > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (("aggregator=trimmed_mean", "aggregator.f=2"), "aggregator: f=2"),
+        (("aggregator=multikrum", "aggregator.m=9"), "aggregator"),
+        (("attack=sign_flip", "attack.num_byzantine=abc"), "attack.num_byzantine"),
+        (("attack=sign_flip", "attack.ids=[0,1,2,3]"), "attack.ids=[0, 1, 2, 3]"),
+        (("attack=mimic", "attack.target=5"), "attack"),
+        (("codec=topk", "codec.ef_decay=2.0"), "codec.ef_decay=2.0"),
+        (("comm.what_if_mbps=[0]",), "comm.what_if_mbps=[0.0]: must be > 0.0"),
+    ],
+)
+def test_bad_exchange_settings_fail_before_training(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        Trainer(make_config(*DILOCO, *overrides), tmp_path, synthetic_corpus())
+
+
+def test_demo_rejects_exchange_plugins_it_bypasses(tmp_path):
+    cfg = make_config(*TINY, "algorithm=demo", "attack=sign_flip")
+    with pytest.raises(ConfigError, match="algorithm=demo"):
+        Trainer(cfg, tmp_path, synthetic_corpus())
+
+
+def test_streaming_keeps_aggregator_and_attack_state_per_fragment(tmp_path):
+    common = ("algorithm=streaming_diloco", "algorithm.inner_steps=10", "algorithm.fragments=2",
+              "algorithm.tau=0")  # fmt: skip
+    for extra in (("aggregator=cclip",), ("attack=stale", "attack.num_byzantine=1")):
+        trainer, summary = run(tmp_path / extra[0], *common, *extra)
+        assert math.isfinite(summary["final_eval_loss"])
+        assert set(trainer.exchange.streams) == {"fragment0", "fragment1"}
+
+
+def test_sign_payloads_are_all_gathered(tmp_path):
+    trainer, summary = run(tmp_path, "codec=sign", "codec.error_feedback=false")
+    p = trainer.group.num_params
+    expected = (40 // 5) * 3 * (math.ceil(p / 8) + 4)  # 1 bit per entry + one fp32 scale
+    assert summary["comm_bytes_per_worker"] == pytest.approx(expected, rel=1e-12)

@@ -194,4 +194,4 @@ def test_int8_codec_trains(tmp_path, corpus):
     before = t.evaluate()
     summary = t.fit()
     assert summary["final_eval_loss"] < before - 1.0
-    assert set(t.exchange.codecs) == {"fragment0", "fragment1"}
+    assert set(t.exchange.streams) == {"fragment0", "fragment1"}

@@ -40,6 +40,7 @@ class Algorithm(Protocol):
     inner_steps: int
     payload_key: str
     overlap_steps: int
+    uses_exchange: bool
 
     def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
         """Called after every backward, before clipping and the inner optimizer step."""
@@ -77,6 +78,7 @@ class AlgorithmBase:
     inner_steps = 1
     payload_key = ""  # names the payload stream of the round (per-stream codec state)
     overlap_steps = 0  # inner steps the round's exchange runs behind (hidden in modelled time)
+    uses_exchange = True  # False: exchanges through its own gather (codec/attack do not apply)
 
     def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
         """No gradient exchange."""

@@ -30,6 +30,7 @@ class DeMoSync(AlgorithmBase):
         name: str = "demo"
 
     inner_steps = 1
+    uses_exchange = False  # DeMo's (index, value) payloads bypass codec, attack, aggregator
 
     def __init__(self, cfg: Config, group: WorkerGroup) -> None:
         self.name = cfg.name

@@ -3,25 +3,29 @@
 ::
 
     rows [K, P] fp32          local phase of the algorithm (pseudo-gradients, gradients)
-      -> attack               Byzantine workers rewrite their rows, honest rows in view
-      -> validate             untrusted input: shape, dtype, finite; bad rows excluded, logged
       -> codec.encode         quantize / sparsify in transit (error feedback per worker)
-      -> collective           all-reduce when the result is a plain mean of a dense payload
-                              and nothing is to be inspected, else all-gather; bytes counted
-                              from the encoding
-      -> codec.decode         back to fp32
+      -> attack               Byzantine workers replace what they send, with what the honest
+                              workers send in view
+      -> collective           all-reduce when the result is a plain mean of a payload a ring
+                              can sum at its width (fp32, fp16, bf16, int8) and nothing is
+                              to be inspected; else all-gather. Bytes counted from the encoding
+      -> validate             untrusted input: shape, dtype, finite, magnitude; a bad row is
+                              excluded with a logged reason and the run goes on
       -> aggregator           [n_ok, P] -> [P] in fp32 (mean, median, Krum, ...)
 
-Algorithms never see any of this: they receive the ``[P]`` update. With the default
-config (no codec, no attack, mean) the pipeline is exactly ``comm.all_reduce_mean(rows)``.
+Algorithms never see any of this: they receive the ``[P]`` update. With the default config
+(no codec, no attack, mean) the pipeline is exactly ``comm.all_reduce_mean(rows)``. State
+(error-feedback residuals, a centered-clipping center, a stale attacker's history) is kept
+per payload stream ``key``, so fragment-wise algorithms get one per fragment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,184 +34,189 @@ from diloco.adversary.aggregators import Aggregator, Mean, build_aggregator
 from diloco.adversary.attacks import Attack, Malformed, build_attack
 from diloco.adversary.validate import validate_payloads
 from diloco.comm.base import Communicator
-from diloco.comm.codecs import (
-    Codec,
-    Compose,
-    ErrorFeedback,
-    NoCodec,
-    Sparsifier,
-    build_codec,
-)
-from diloco.config import Config, ConfigError
+from diloco.comm.codecs import Codec, ErrorFeedback, NoCodec, build_codec
+from diloco.config import Config, ConfigError, from_dict
 
 log = logging.getLogger(__name__)
 
+# codecs whose payload a ring all-reduce can sum at the encoded width (re-quantizing per hop)
+RING_CODECS = ("none", "fp16", "bf16", "int8")
 
-def _named(
-    node: dict[str, Any], key: str, skip: tuple[str, ...] = ()
-) -> tuple[str, dict[str, Any]]:
+
+@dataclass
+class CodecSpec:
+    """Keys of the ``codec`` node that are not the codec's own arguments."""
+
+    error_feedback: bool = False
+    ef_decay: float = field(default=1.0, metadata={"ge": 0.0, "le": 1.0})
+
+
+@dataclass
+class NoSpec:
+    """A node whose keys all belong to the plug-in (aggregators)."""
+
+
+@dataclass
+class AttackSpec:
+    """Who is Byzantine: ``ids``, else the last ``num_byzantine`` workers."""
+
+    num_byzantine: int = field(default=0, metadata={"ge": 0})
+    ids: list[int] | None = None
+
+
+def _split(node: dict[str, Any], key: str, spec: type) -> tuple[str, dict[str, Any], Any]:
     if "name" not in node:
         raise ConfigError(f"{key}.name", "missing; pick one from conf/" + key)
-    kwargs = {k: v for k, v in node.items() if k != "name" and k not in skip}
-    return str(node["name"]), kwargs
+    own = {f.name for f in dataclasses.fields(spec)}
+    kwargs = {k: v for k, v in node.items() if k != "name" and k not in own}
+    return str(node["name"]), kwargs, from_dict(spec, {k: node[k] for k in own if k in node}, key)
 
 
 def build_codec_node(node: dict[str, Any]) -> Codec:
     """``codec`` config node -> codec, wrapped in error feedback when asked."""
-    name, kwargs = _named(node, "codec", ("error_feedback", "ef_decay"))
+    name, kwargs, spec = _split(node, "codec", CodecSpec)
     codec = build_codec(name, **kwargs)
-    if node.get("error_feedback", False):
-        codec = ErrorFeedback(codec, decay=float(node.get("ef_decay", 1.0)))
-    return codec
+    return ErrorFeedback(codec, decay=spec.ef_decay) if spec.error_feedback else codec
 
 
-def build_attack_node(node: dict[str, Any], num_workers: int) -> tuple[Attack | None, torch.Tensor]:
-    """``attack`` config node -> (attack or None, Byzantine mask ``[K]``).
-
-    Byzantine workers are ``attack.ids`` when given, else the last ``attack.num_byzantine``.
-    """
-    name, kwargs = _named(node, "attack", ("num_byzantine", "ids"))
-    ids = node.get("ids")
-    f = int(node.get("num_byzantine", 0))
+def byzantine_mask(node: dict[str, Any], num_workers: int) -> torch.Tensor:
+    """The ``[K]`` mask of Byzantine workers named by the ``attack`` node."""
+    _, _, spec = _split(node, "attack", AttackSpec)
+    k = num_workers
+    ids = spec.ids
     if ids is None:
-        if not 0 <= f < num_workers:
-            raise ConfigError(f"attack.num_byzantine={f}", f"must be in [0, {num_workers - 1}]")
-        ids = list(range(num_workers - f, num_workers))
-    mask = torch.zeros(num_workers, dtype=torch.bool)
-    for i in ids:
-        if not 0 <= int(i) < num_workers:
-            raise ConfigError("attack.ids", f"worker {i} is not in [0, {num_workers - 1}]")
-        mask[int(i)] = True
-    if name == "none" or not mask.any():
-        return None, mask
-    return build_attack(name, **kwargs), mask
+        if spec.num_byzantine >= k:
+            raise ConfigError(f"attack.num_byzantine={spec.num_byzantine}", f"must be < {k}")
+        ids = list(range(k - spec.num_byzantine, k))
+    if any(not 0 <= i < k for i in ids):
+        raise ConfigError(f"attack.ids={ids}", f"every id must be in [0, {k - 1}]")
+    mask = torch.zeros(k, dtype=torch.bool)
+    mask[ids] = True
+    if mask.all():
+        raise ConfigError(f"attack.ids={ids}", "at least one worker must be honest")
+    return mask
 
 
-def is_sparse(codec: Codec) -> bool:
-    """True when the codec sends index/value pairs (summing them in a ring densifies them)."""
-    if isinstance(codec, ErrorFeedback):
-        return is_sparse(codec.codec)
-    return isinstance(codec, Sparsifier | Compose)
+def wire_name(codec: Codec) -> str:
+    """The registry name of what travels (error feedback does not change the wire format)."""
+    return wire_name(codec.codec) if isinstance(codec, ErrorFeedback) else codec.name
 
 
 @dataclass
 class ExchangeStats:
-    """What the last exchange did: rows excluded and why."""
+    """What the last exchange did: rows excluded."""
 
     excluded: int = 0
     excluded_total: int = 0
 
 
 class ExchangePipeline:
-    """Attack, validation, codec, collective and aggregation around one communicator."""
+    """Codec, attack, collective, validation and aggregation around one communicator.
+
+    Args:
+        comm: the communicator (counts bytes).
+        codec, aggregator, attack: factories; one instance of each per payload stream.
+        byzantine: ``[K]`` mask of the workers the attack controls.
+        max_abs: payload entries above this magnitude are malformed (None: no bound).
+    """
 
     def __init__(
         self,
         comm: Communicator,
-        codec: Callable[[], Codec] | None = None,
-        aggregator: Aggregator | None = None,
-        attack: Attack | None = None,
+        codec: Callable[[], Codec] = NoCodec,
+        aggregator: Callable[[], Aggregator] = Mean,
+        attack: Callable[[], Attack] | None = None,
         byzantine: torch.Tensor | None = None,
         max_abs: float | None = None,
     ) -> None:
         self.comm = comm
-        self.new_codec = codec or NoCodec
-        self.codecs: dict[str, Codec] = {}
-        self.aggregator = aggregator or Mean()
-        self.attack = attack
-        self.byzantine = (
-            byzantine if byzantine is not None else torch.zeros(comm.num_workers, dtype=torch.bool)
-        )
+        self.factories = {"codec": codec, "aggregator": aggregator, "attack": attack}
+        self.streams: dict[str, dict[str, Any]] = {}
+        zeros = torch.zeros(comm.num_workers, dtype=torch.bool)
+        self.byzantine = byzantine if byzantine is not None else zeros
         self.max_abs = max_abs
         self.round = 0
         self.stats = ExchangeStats()
 
     @classmethod
     def from_config(cls, comm: Communicator, cfg: Config) -> ExchangePipeline:
-        """Build from the ``codec``, ``aggregator``, ``attack`` and ``comm`` config nodes."""
-        name, kwargs = _named(cfg.aggregator, "aggregator")
-        atk, mask = build_attack_node(cfg.attack, comm.num_workers)
-        agg = build_aggregator(name, **kwargs)
-        build_codec_node(cfg.codec)  # validate now, not at the first exchange
+        """Build from the config; every value is checked now, not at the first exchange."""
+        k = comm.num_workers
         codec = functools.partial(build_codec_node, cfg.codec)
-        return cls(comm, codec, agg, atk, mask, cfg.comm.max_abs)
+        agg_name, agg_kwargs, _ = _split(cfg.aggregator, "aggregator", NoSpec)
+        aggregator = functools.partial(build_aggregator, agg_name, **agg_kwargs)
+        mask = byzantine_mask(cfg.attack, k)
+        atk_name, atk_kwargs, _ = _split(cfg.attack, "attack", AttackSpec)
+        attack = None
+        if atk_name != "none" and mask.any():
+            attack = functools.partial(build_attack, atk_name, **atk_kwargs)
+        probe = torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
+        codec().encode(probe)
 
-    def plain_mean(self, codec: Codec) -> bool:
-        """True when an all-reduce of the (encoded) rows gives the result.
+        def attack_probe(a: Any) -> Any:
+            if isinstance(a, Malformed):
+                return a.corrupt_payloads(list(probe), mask, 10**9)
+            return a(probe, mask, 10**9)
 
-        Otherwise the rows are all-gathered: robust aggregators and validation need every
-        row, and sparse payloads are gathered as (index, value) pairs (as Templar does).
-        """
-        return self.attack is None and type(self.aggregator) is Mean and not is_sparse(codec)
+        for key, make, call in (
+            ("aggregator", aggregator, lambda a: a(probe)),
+            ("attack", attack, attack_probe),
+        ):
+            try:
+                if make is not None:
+                    call(make())
+            except ValueError as err:  # e.g. f too large for K workers
+                raise ConfigError(key, f"{err} (with workers.count={k})") from None
+        return cls(comm, codec, aggregator, attack, mask, cfg.comm.max_abs)
 
-    def codec(self, key: str = "") -> Codec:
-        """The codec (and its error-feedback state) of payload stream ``key``."""
-        if key not in self.codecs:
-            self.codecs[key] = self.new_codec()
-        return self.codecs[key]
+    def stream(self, key: str = "") -> dict[str, Any]:
+        """Codec, aggregator and attack instances (and their state) of payload stream ``key``."""
+        if key not in self.streams:
+            self.streams[key] = {n: f() if f else None for n, f in self.factories.items()}
+        return self.streams[key]
 
     def __call__(self, rows: torch.Tensor, key: str = "") -> torch.Tensor:
         """Reduce payload rows ``[K, P]`` to one fp32 update ``[P]``.
 
-        ``key`` names the payload stream (e.g. a Streaming DiLoCo fragment) so codec state
-        such as error-feedback residuals is kept per stream.
+        ``key`` names the payload stream (e.g. a Streaming DiLoCo fragment).
         """
-        payloads: list[Any] = list(rows)
-        if self.attack is not None:
-            if isinstance(self.attack, Malformed):
-                payloads = self.attack.corrupt_payloads(payloads, self.byzantine, self.round)
-            else:
-                payloads = list(self.attack(rows, self.byzantine, self.round))
-        ok, reasons = validate_payloads(
-            payloads, shape=tuple(rows.shape[1:]), dtype=rows.dtype, max_abs=self.max_abs
-        )
-        self._note_excluded(reasons)
-        clean = torch.stack([payloads[i] for i in range(len(payloads)) if i in ok]) if ok else None
-        if clean is None:
-            raise RuntimeError(f"round {self.round}: every payload was rejected")
-        codec = self.codec(key)
-        enc = codec.encode(self._full(clean, ok, rows))
-        decoded = codec.decode(enc)
+        parts = self.stream(key)
+        codec, attack = parts["codec"], parts["attack"]
+        enc = codec.encode(rows)
+        sent = codec.decode(enc)
         nbytes = enc.nbytes_per_worker()
-        if self.plain_mean(codec) and len(ok) == rows.shape[0]:
-            return self.comm.all_reduce_mean(decoded, nbytes=nbytes)
-        gathered = self.comm.all_gather(decoded, nbytes=nbytes)[ok]
-        finite = torch.isfinite(gathered).all(dim=1)
-        if not finite.all():
-            bad = {ok[i]: f"worker {ok[i]}: non-finite after decoding" for i in range(len(ok))
-                   if not finite[i]}  # fmt: skip
-            self._note_excluded(bad)
-            gathered = gathered[finite]
-        return self.aggregator(gathered)
-
-    def _full(self, clean: torch.Tensor, ok: list[int], rows: torch.Tensor) -> torch.Tensor:
-        """Rows for every worker (excluded ones as zeros) so codec state stays per worker."""
-        if len(ok) == rows.shape[0]:
-            return clean
-        full = torch.zeros_like(rows)
-        full[ok] = clean
-        return full
-
-    def _note_excluded(self, reasons: dict[int, str]) -> None:
+        if attack is None and type(parts["aggregator"]) is Mean and wire_name(codec) in RING_CODECS:
+            return self.comm.all_reduce_mean(sent, nbytes=nbytes)
+        payloads: list[Any] = list(sent)
+        if isinstance(attack, Malformed):
+            payloads = attack.corrupt_payloads(payloads, self.byzantine, self.round)
+        elif attack is not None:
+            payloads = list(attack(sent, self.byzantine, self.round))
+        ok, reasons = validate_payloads(
+            payloads, shape=tuple(rows.shape[1:]), dtype=sent.dtype, max_abs=self.max_abs
+        )
         self.stats.excluded = len(reasons)
         self.stats.excluded_total += len(reasons)
         for reason in reasons.values():
             log.warning("round %d: payload excluded: %s", self.round, reason)
+        if not ok:
+            raise RuntimeError(f"round {self.round}: every payload was rejected")
+        wire = torch.zeros_like(sent)  # rejected rows still cost their bytes
+        wire[ok] = torch.stack([payloads[i] for i in ok])
+        gathered = self.comm.all_gather(wire, nbytes=nbytes)[ok]
+        return parts["aggregator"](gathered)
 
     def state_dict(self) -> dict[str, Any]:
-        """Codec (error-feedback residuals), aggregator and attack state."""
-        parts: dict[str, Any] = {"stats": dict(vars(self.stats))}
-        parts["codecs"] = {key: c.state_dict() for key, c in self.codecs.items()}
-        parts["aggregator"] = self.aggregator.state_dict()
-        if self.attack is not None:
-            parts["attack"] = self.attack.state_dict()
-        return parts
+        """Per-stream codec (error-feedback residuals), aggregator and attack state."""
+        streams = {
+            key: {n: obj.state_dict() for n, obj in parts.items() if obj is not None}
+            for key, parts in self.streams.items()
+        }
+        return {"streams": streams, "stats": dict(vars(self.stats))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        for key, codec_state in state["codecs"].items():
-            self.codec(key).load_state_dict(codec_state)
-        self.aggregator.load_state_dict(state["aggregator"])
+        for key, parts in state["streams"].items():
+            for name, part_state in parts.items():
+                self.stream(key)[name].load_state_dict(part_state)
         self.stats = ExchangeStats(**state["stats"])
-        if self.attack is not None:
-            self.attack.load_state_dict(state["attack"])
