@@ -60,7 +60,9 @@ def main() -> None:
         ax.set_xlabel(label)
         ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
     for ax in axes[1:]:
-        ax.get_legend().remove() if ax.get_legend() else None
+        legend = ax.get_legend()
+        if legend is not None:
+            legend.remove()
     fig.suptitle("4 workers, equal tokens, 0.44M-param GPT on Shakespeare")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
