@@ -28,8 +28,8 @@ def main() -> None:
     parser.add_argument("--out", default="experiments/results/comm_methods")
     args = parser.parse_args()
     metrics, summaries = load_runs(args.sweep_dir)
-    summaries["run"] = summaries["run"].str.removeprefix("+method=")
-    metrics["run"] = metrics["run"].str.removeprefix("+method=")
+    for frame in (summaries, metrics):  # label runs by their method alone
+        frame["run"] = frame["run"].str.extract(r"method=(\w+)", expand=False)
     ref = summaries.set_index("run").loc["ddp"]
     lines = [
         "| method | final eval loss | vs DDP | bytes sent/worker | fewer bytes than DDP "
