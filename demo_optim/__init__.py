@@ -1,6 +1,8 @@
 """DeMo (Decoupled Momentum Optimization) as a standalone PyTorch optimizer.
 
-Depends only on torch and einops. See :class:`demo_optim.DeMo`.
+Depends only on torch and einops. See :class:`demo_optim.DeMo`. Modules: ``dct`` (chunked
+DCT), ``payload`` (wire format and aggregation), ``layout`` (parameter geometries) and
+``demo`` (the optimizer).
 """
 
 from demo_optim.dct import (
@@ -15,8 +17,8 @@ from demo_optim.dct import (
     sparse_idct,
     to_chunks,
 )
-from demo_optim.demo import (
-    DeMo,
+from demo_optim.demo import DeMo
+from demo_optim.payload import (
     GatherFn,
     aggregate_sparse,
     all_gather_payload,

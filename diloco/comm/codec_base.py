@@ -1,0 +1,64 @@
+"""Base of the payload codecs: the :class:`Encoded` wire tensors and the :class:`Codec` API.
+
+Split out of :mod:`diloco.comm.codecs` (which re-exports every name here) so that the dense
+codecs there and the sparsifiers in :mod:`diloco.comm.sparse` share one base without a
+circular import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Encoded:
+    """Wire tensors of one encode, each ``[n, ...]``, plus the original ``shape`` ``(n, P)``."""
+
+    shape: tuple[int, int]
+    values: Tensor
+    indices: Tensor | None = None
+    scales: Tensor | None = None
+
+    def nbytes_per_worker(self) -> int:
+        """Bytes one worker sends: ``numel * element_size`` of its tensors."""
+        return nbytes_per_worker(self)
+
+
+def nbytes_per_worker(enc: Encoded) -> int:
+    """Bytes of one worker's share of ``enc`` (values, indices, scales summed, divided by n)."""
+    parts = (t for t in (enc.values, enc.indices, enc.scales) if t is not None)
+    return sum(t.numel() * t.element_size() for t in parts) // max(enc.shape[0], 1)
+
+
+def _rows(rows: Tensor) -> Tensor:
+    if rows.dim() != 2:
+        raise ValueError(f"codecs take payload rows [n, P], got shape {tuple(rows.shape)}")
+    return rows.float()
+
+
+class Codec:
+    """Base codec: ``encode`` rows ``[n, P]`` -> :class:`Encoded` -> ``decode`` fp32 rows."""
+
+    name = "codec"
+
+    def encode(self, rows: Tensor) -> Encoded:
+        """Encode payload rows ``[n, P]``."""
+        raise NotImplementedError
+
+    def decode(self, enc: Encoded) -> Tensor:
+        """Decode to fp32 rows of ``enc.shape``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Random-generator state of stochastic codecs (empty otherwise)."""
+        gen = getattr(self, "gen", None)
+        return {"rng": gen.get_state()} if isinstance(gen, torch.Generator) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if "rng" in state:
+            self.gen.set_state(state["rng"])  # type: ignore[attr-defined]
