@@ -23,7 +23,6 @@ from demo_optim.payload import (
     GatherFn,
     _dtype_named,
     _sparse_is_cheaper,
-    aggregate_sparse,
     all_gather_payload,
     compact_index_dtype,
     decode_aggregate,
@@ -32,17 +31,7 @@ from demo_optim.payload import (
     unpack_signs,
 )
 
-__all__ = [
-    "DeMo",
-    "GatherFn",
-    "aggregate_sparse",
-    "all_gather_payload",
-    "compact_index_dtype",
-    "decode_aggregate",
-    "pack_signs",
-    "payload_nbytes",
-    "unpack_signs",
-]
+__all__ = ["DeMo"]
 
 
 class DeMo(Optimizer):
