@@ -215,6 +215,13 @@ class DeMo(Optimizer):
     def _build_layout(self) -> _Layout:
         return build_layout(self.param_groups, self._resolve_index_dtype)
 
+    def index_bounds(self) -> list[int | None]:
+        """Per payload tensor: the exclusive upper bound of its indices (None for values).
+
+        For checking payloads received from untrusted peers before :meth:`apply`.
+        """
+        return [b for geo in self._get_layout().geometries for b in (geo.n_coeffs, None)]
+
     def _resolve_index_dtype(self, n_coeffs: int) -> torch.dtype:
         if self.index_dtype is None:
             return torch.int64

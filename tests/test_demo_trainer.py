@@ -88,3 +88,26 @@ def test_bf16_values_from_config(tmp_path):
     payload_bytes = trainer.fit()["comm_bytes_per_worker"] / 2  # 2 steps, 1 peer
     chunks_k = sum(t.numel() for t in trainer.group.optimizers[0].encode()[0::2])
     assert payload_bytes == chunks_k * (8 + 2)
+
+
+@pytest.mark.parametrize("corrupt", ["index_out_of_range", "nan_values"])
+def test_bad_peer_payloads_are_excluded_without_a_crash(tmp_path, corrupt, caplog):
+    trainer = Trainer(
+        make_config(*DEMO, "workers.count=3", "train.steps=3"), tmp_path, synthetic_corpus()
+    )
+    gather = trainer.comm.all_gather
+
+    def hostile_gather(rows, nbytes=None):
+        rows = gather(rows, nbytes).clone()
+        if rows.dtype == torch.int64 and corrupt == "index_out_of_range":
+            rows[1] = 10**6
+        elif rows.is_floating_point() and corrupt == "nan_values":
+            rows[1] = float("nan")
+        return rows
+
+    trainer.comm.all_gather = hostile_gather
+    trainer.fit()
+    params = trainer.group.params
+    assert torch.isfinite(params).all()
+    assert all(torch.equal(row, params[0]) for row in params)
+    assert trainer.algorithm.excluded_total >= 3 and "excluded" in caplog.text

@@ -10,14 +10,18 @@ so the workers' parameters stay bitwise identical.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from demo_optim import DeMo
+from diloco.adversary.validate import validate_payloads
 from diloco.algorithms.base import AlgorithmBase, Gather
 from diloco.config import ConfigError
 from diloco.workers import WorkerGroup
+
+log = logging.getLogger(__name__)
 
 
 class DeMoSync(AlgorithmBase):
@@ -34,13 +38,43 @@ class DeMoSync(AlgorithmBase):
 
     def __init__(self, cfg: Config, group: WorkerGroup) -> None:
         self.name = cfg.name
+        self.excluded_total = 0
         if not all(isinstance(opt, DeMo) for opt in group.optimizers):
             raise ConfigError("optimizer", "algorithm=demo needs optimizer=demo (demo_optim.DeMo)")
 
     def step_optimizers(self, group: WorkerGroup, gather: Gather, lr_mult: float) -> None:
-        """Encode on every worker, all-gather each payload tensor, apply on every worker."""
+        """Encode on every worker, all-gather each payload tensor, check it, apply everywhere."""
         group.set_lr(lr_mult)
         payloads = [opt.encode() for opt in group.optimizers]  # type: ignore[attr-defined]
         gathered = [gather(torch.stack(parts)) for parts in zip(*payloads, strict=True)]
+        bounds = group.optimizers[0].index_bounds()  # type: ignore[attr-defined]
+        keep = self.valid_senders(gathered, payloads[0], bounds)
+        if len(keep) < gathered[0].shape[0]:
+            gathered = [g[keep] for g in gathered]
         for opt in group.optimizers:
             opt.apply(gathered)  # type: ignore[attr-defined]
+
+    def valid_senders(
+        self, gathered: list[torch.Tensor], own: list[torch.Tensor], bounds: list[int | None]
+    ) -> list[int]:
+        """Senders whose payload tensors all have the expected shape, dtype, range, values.
+
+        Payloads come from untrusted peers: a worker with any bad tensor is excluded from
+        this step (logged); the others' coefficients are averaged as usual.
+        """
+        keep = []
+        for i in range(gathered[0].shape[0]):
+            reasons: list[str] = []
+            for g, mine, bound in zip(gathered, own, bounds, strict=True):
+                _, bad = validate_payloads(
+                    [g[i]], shape=tuple(mine.shape), dtype=mine.dtype, index_bound=bound
+                )
+                reasons += bad.values()
+            if reasons:
+                self.excluded_total += 1
+                log.warning("demo: payload of worker %d excluded: %s", i, reasons[0])
+            else:
+                keep.append(i)
+        if not keep:
+            raise RuntimeError("demo: every payload was rejected")
+        return keep
