@@ -1,7 +1,9 @@
 """Modelled time: what a run would take on a given network, whatever machine simulates it.
 
-Each round adds the workers' compute (``steps * workers.step_time_s``, or the time measured
-here per worker when that is unset) and the network time of every collective the round ran
+Each round adds the slowest worker's compute (``steps * step_time / speed_i``, where the step
+time is ``workers.step_time_s`` or the time measured here per worker, and ``speed_i`` comes
+from the worker's profile: every sync waits for the slowest worker) and the network time of
+every collective the round ran, with per-worker links of ``bandwidth * factor_i``
 (:class:`diloco.comm.topology.NetworkModel`: the slowest link bounds each exchange, plus
 latency per sequential step). An algorithm that overlaps its exchange with the next
 ``overlap_steps`` inner steps (Streaming DiLoCo) hides up to that much compute time.
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diloco.comm.topology import NetworkModel, Topology
+from diloco.profiles import Profiles
 
 
 class SimClock:
@@ -28,19 +31,27 @@ class SimClock:
         latency_ms: float = 0.0,
         what_if_mbps: Sequence[float] = (),
         step_time_s: float | None = None,
+        profiles: Profiles | None = None,
     ) -> None:
         self.step_time_s = step_time_s
-        self.networks = {"": NetworkModel(bandwidth_mbps, bandwidth_mbps, latency_ms)}
+        self.slowest = min(profiles.speeds) if profiles else 1.0
+        factors = list(profiles.bandwidth_factors) if profiles else [1.0]
+
+        def network(bw: float) -> NetworkModel:
+            links = [bw * f for f in factors]
+            return NetworkModel(links, links, latency_ms)
+
+        self.networks = {"": network(bandwidth_mbps)}
         for bw in what_if_mbps:
-            self.networks[f"@{bw:g}mbps"] = NetworkModel(bw, bw, latency_ms)
+            self.networks[f"@{bw:g}mbps"] = network(bw)
         self.sim_s = dict.fromkeys(self.networks, 0.0)
         self.comm_s = dict.fromkeys(self.networks, 0.0)
         self._step_s = 0.0
 
     def compute(self, steps: int, measured_s: float, workers_here: int) -> None:
-        """Add a round's compute: configured step time, or measured time per worker."""
+        """Add a round's compute: the slowest worker's ``steps`` at its speed."""
         per_step = self.step_time_s or measured_s / workers_here / steps
-        compute_s = steps * per_step
+        compute_s = steps * per_step / self.slowest
         self._step_s = compute_s / steps
         for key in self.sim_s:
             self.sim_s[key] += compute_s

@@ -56,10 +56,15 @@ class TrainConfig:
 
 @dataclass
 class WorkersConfig:
-    """How many workers train; all of them live in this process when simulating."""
+    """How many workers train and how fast each one is (see :mod:`diloco.profiles`)."""
 
     count: int = field(default=4, metadata=_ge(1))
     step_time_s: float | None = field(default=None, metadata={"gt": 0.0})
+    profile: Literal["homogeneous", "straggler", "longtail"] = "homogeneous"
+    straggler_slowdown: float = field(default=4.0, metadata={"ge": 1.0})
+    sigma: float = field(default=0.5, metadata=_ge(0.0))
+    speeds: list[float] | None = field(default=None, metadata={"gt": 0.0})
+    bandwidth_factors: list[float] | None = field(default=None, metadata={"gt": 0.0})
 
 
 @dataclass

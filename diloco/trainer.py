@@ -35,6 +35,7 @@ from diloco.comm import InProcessComm
 from diloco.comm.pipeline import ExchangePipeline
 from diloco.config import Config, ConfigError, build, build_optimizer
 from diloco.data import Corpus, ShardSampler, load_corpus, shard_indices
+from diloco.profiles import worker_profiles
 from diloco.workers import Batch, WorkerGroup, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,13 @@ class Trainer:
         self.round = 0
         self.wall_s = 0.0
         comm = cfg.comm
+        self.profiles = worker_profiles(cfg.workers, cfg.seed)
         self.clock = SimClock(
-            comm.bandwidth_mbps, comm.latency_ms, comm.what_if_mbps, cfg.workers.step_time_s
+            comm.bandwidth_mbps,
+            comm.latency_ms,
+            comm.what_if_mbps,
+            cfg.workers.step_time_s,
+            self.profiles,
         )
         self.last_eval: float = float("nan")
         self.ckpt_path = self.run_dir / checkpoint.FILENAME
