@@ -34,7 +34,7 @@ class SimClock:
         profiles: Profiles | None = None,
     ) -> None:
         self.step_time_s = step_time_s
-        self.slowest = min(profiles.speeds) if profiles else 1.0
+        self.speeds = profiles.speeds if profiles else None
         factors = list(profiles.bandwidth_factors) if profiles else [1.0]
 
         def network(bw: float) -> NetworkModel:
@@ -48,11 +48,19 @@ class SimClock:
         self.comm_s = dict.fromkeys(self.networks, 0.0)
         self._step_s = 0.0
 
-    def compute(self, steps: int, measured_s: float, workers_here: int) -> None:
-        """Add a round's compute: the slowest worker's ``steps`` at its speed."""
-        per_step = self.step_time_s or measured_s / workers_here / steps
-        compute_s = steps * per_step / self.slowest
-        self._step_s = compute_s / steps
+    def compute(self, steps: Sequence[int], measured_s: float) -> None:
+        """Add a round's compute: the longest ``steps_i / speed_i`` in reference steps.
+
+        The reference step time is ``workers.step_time_s``, or the measured time per
+        worker-step of this round.
+        """
+        speeds = self.speeds or (1.0,) * len(steps)
+        ran = [(n, v) for n, v in zip(steps, speeds, strict=True) if n]
+        if not ran:
+            return
+        per_step = self.step_time_s or measured_s / sum(n for n, _ in ran)
+        compute_s = max(n / v for n, v in ran) * per_step
+        self._step_s = compute_s / max(steps)
         for key in self.sim_s:
             self.sim_s[key] += compute_s
 

@@ -68,6 +68,14 @@ class WorkersConfig:
 
 
 @dataclass
+class SyncConfig:
+    """How many inner steps each worker runs per round (see :mod:`diloco.sync`)."""
+
+    policy: Literal["all", "deadline"] = "all"
+    budget: float = field(default=1.0, metadata={"gt": 0.0})
+
+
+@dataclass
 class DataConfig:
     """Where text comes from, how it is tokenized, packed, held out and sharded."""
 
@@ -125,6 +133,7 @@ class Config:
     device: str = "cpu"
     train: TrainConfig = field(default_factory=TrainConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -36,6 +36,7 @@ from diloco.comm.pipeline import ExchangePipeline
 from diloco.config import Config, ConfigError, build, build_optimizer
 from diloco.data import Corpus, ShardSampler, load_corpus, shard_indices
 from diloco.profiles import worker_profiles
+from diloco.sync import steps_per_worker
 from diloco.workers import Batch, WorkerGroup, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,13 @@ class Trainer:
         worker_ids = list(range(cfg.workers.count))
         self.group = WorkerGroup(model, worker_ids, build_optimizer(cfg.optimizer, "optimizer"))
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm", self.group)
+        if cfg.sync.policy != "all" and (
+            self.algorithm.inner_steps < 2 or not self.algorithm.uses_exchange
+        ):
+            raise ConfigError(
+                f"sync={cfg.sync.policy}",
+                f"needs rounds of several local steps, not {cfg.algorithm['name']}",
+            )
         defaults = ({"name": "none"}, {"name": "mean"}, {"name": "none"})
         plugins = (cfg.codec, cfg.aggregator, cfg.attack)
         if not self.algorithm.uses_exchange and any(
@@ -95,7 +103,8 @@ class Trainer:
         ]
         held_out = self.corpus.eval[: cfg.train.eval_sequences].split(EVAL_BATCH)
         self.eval_set = [self._to_device((s[:, :-1], s[:, 1:])) for s in held_out]
-        self.step = 0
+        self.step = 0  # reference inner steps (a worker at speed 1 under any sync policy)
+        self.worker_steps = torch.zeros(cfg.workers.count, dtype=torch.long)  # steps each ran
         self.round = 0
         self.wall_s = 0.0
         comm = cfg.comm
@@ -117,25 +126,39 @@ class Trainer:
 
     # -- one round ----------------------------------------------------------------------------
 
-    def _inner_step(self) -> dict[str, float]:
+    def _inner_step(self, active: list[bool] | None = None) -> dict[str, float]:
+        """One reference step: every active worker steps; idle ones wait (deadline sync)."""
         tc = self.cfg.train
-        batches = [self._to_device(s.next_batch()) for s in self.samplers]
-        losses = self.group.forward_backward(batches)
-        self.exchange.round = self.round
-        self.algorithm.on_gradients(self.group, self.exchange)
-        norms = self.group.clip_grads(tc.grad_clip)
-        mult = lr_multiplier(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
-        self.algorithm.step_optimizers(self.group, self.comm.all_gather, mult)
+        active = active or [True] * self.group.size
+        row: dict[str, float] = {}
+        if any(active):
+            batches = [
+                self._to_device(s.next_batch()) if a else None
+                for s, a in zip(self.samplers, active, strict=True)
+            ]
+            losses = self.group.forward_backward(batches)
+            self.exchange.round = self.round
+            self.algorithm.on_gradients(self.group, self.exchange)
+            norms = self.group.clip_grads(tc.grad_clip)
+            mult = lr_multiplier(
+                self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio
+            )
+            self.algorithm.step_optimizers(self.group, self.comm.all_gather, mult)
+            row[M.TRAIN_LOSS] = losses.mean().item()
+            row[M.TRAIN_GRAD_NORM] = norms[torch.tensor(active)].mean().item()
+            row[M.TRAIN_LR] = self.group.optimizers[0].param_groups[0]["lr"]
         self.step += 1
         self.algorithm.after_step(self.group, self.step)
-        lr = self.group.optimizers[0].param_groups[0]["lr"]
-        return {M.TRAIN_LOSS: losses.mean().item(), M.TRAIN_GRAD_NORM: norms.mean().item(),
-                M.TRAIN_LR: lr}  # fmt: skip
+        return row
 
-    def _sync(self) -> None:
+    def _sync(self, steps: list[int] | None = None) -> None:
+        steps = steps or [0]
         self.exchange.round = self.round
         rows = self.algorithm.payload(self.group)
-        update = None if rows is None else self.exchange(rows, self.algorithm.payload_key)
+        # under a deadline, payloads are weighted by the steps each worker ran
+        weights = None if len(set(steps)) == 1 else torch.tensor(steps, dtype=torch.float32)
+        key = self.algorithm.payload_key
+        update = None if rows is None else self.exchange(rows, key, weights)
         self.algorithm.apply(self.group, update)
         self.round += 1
 
@@ -168,13 +191,17 @@ class Trainer:
         self._start = time.perf_counter() - self.wall_s
         while self.step < tc.steps:
             n = min(h, tc.steps - self.step)
+            speeds = self.profiles.speeds
+            steps = steps_per_worker(self.cfg.sync.policy, n, speeds, self.cfg.sync.budget)
             started = time.perf_counter()
+            row: dict[str, float] = {}
             for i in range(n):
-                row = self._inner_step()
+                row = self._inner_step([s > i for s in steps]) or row
                 if i < n - 1 and self.step % tc.log_every == 0:
                     logger.log(row, self.step)
-            self.clock.compute(n, time.perf_counter() - started, self.group.size)
-            self._sync()
+            self.clock.compute(steps, time.perf_counter() - started)
+            self.worker_steps += torch.tensor(steps)
+            self._sync(steps)
             self._end_round(row, n, logger)
         if self.step == 0 or self.last_eval != self.last_eval:  # nothing run, or never evaluated
             self.last_eval = self.evaluate()
@@ -210,7 +237,9 @@ class Trainer:
             "steps": self.step,
             "rounds": self.round,
             "params": self.group.num_params,
-            "tokens_per_worker": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len,
+            "tokens_per_worker": self.worker_steps.double().mean().item()
+            * self.cfg.train.batch_size
+            * self.cfg.data.seq_len,
             "final_eval_loss": self.last_eval,
             "comm_bytes_per_worker": self.comm.sent.mean().item(),
             "comm_bytes_total": self.comm.sent.sum().item(),
@@ -225,6 +254,7 @@ class Trainer:
         return {
             "step": self.step,
             "round": self.round,
+            "worker_steps": self.worker_steps.clone(),
             "wall_s": self.wall_s,
             "clock": self.clock.state_dict(),
             "last_eval": self.last_eval,
@@ -240,6 +270,7 @@ class Trainer:
         """Restore :meth:`state_dict`."""
         self.step = state["step"]
         self.round = state["round"]
+        self.worker_steps.copy_(state["worker_steps"])
         self.wall_s = state["wall_s"]
         self.clock.load_state_dict(state["clock"])
         self.last_eval = state["last_eval"]

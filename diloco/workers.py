@@ -86,6 +86,7 @@ class WorkerGroup:
         for i, replica in enumerate(self.replicas):
             _bind(replica, self.params[i], self.grads[i])
         self.optimizers = [optimizer(param_groups(r)) for r in self.replicas]
+        self.active = [True] * k  # which workers ran the current step
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g.setdefault("initial_lr", g["lr"])
@@ -95,16 +96,19 @@ class WorkerGroup:
         """Number of workers hosted here (``K_local``)."""
         return len(self.replicas)
 
-    def forward_backward(
-        self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
-        """One forward and backward per worker on its batch; returns the ``[K_local]`` losses."""
+    def forward_backward(self, batches: Sequence[Batch | None]) -> torch.Tensor:
+        """Forward and backward per worker on its batch (None: idle this step).
+
+        Returns the losses of the workers that ran.
+        """
         self.grads.zero_()
+        self.active = [b is not None for b in batches]
         losses = []
-        for replica, (x, y) in zip(self.replicas, batches, strict=True):
-            _, loss = replica(x, y)
-            loss.backward()
-            losses.append(loss.detach())
+        for replica, batch in zip(self.replicas, batches, strict=True):
+            if batch is not None:
+                _, loss = replica(*batch)
+                loss.backward()
+                losses.append(loss.detach())
         return torch.stack(losses)
 
     def clip_grads(self, max_norm: float) -> torch.Tensor:
@@ -124,8 +128,9 @@ class WorkerGroup:
     def optimizer_step(self, lr_mult: float) -> None:
         """One inner optimizer step on every worker, at ``lr_mult`` times the base rate."""
         self.set_lr(lr_mult)
-        for opt in self.optimizers:
-            opt.step()
+        for opt, active in zip(self.optimizers, self.active, strict=True):
+            if active:
+                opt.step()
 
     def broadcast_global(self) -> None:
         """Copy the global model into every worker's row."""

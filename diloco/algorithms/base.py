@@ -24,8 +24,10 @@ class Exchange(Protocol):
     ``key`` names the payload stream (codec state such as error feedback is per stream).
     """
 
-    def __call__(self, rows: torch.Tensor, key: str = "") -> torch.Tensor:
-        """Exchange and aggregate ``rows``."""
+    def __call__(
+        self, rows: torch.Tensor, key: str = "", weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Exchange and aggregate ``rows`` (a weighted mean when ``weights`` are given)."""
         ...
 
 

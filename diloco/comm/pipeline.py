@@ -175,10 +175,13 @@ class ExchangePipeline:
             self.streams[key] = {n: f() if f else None for n, f in self.factories.items()}
         return self.streams[key]
 
-    def __call__(self, rows: torch.Tensor, key: str = "") -> torch.Tensor:
+    def __call__(
+        self, rows: torch.Tensor, key: str = "", weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Reduce payload rows ``[K, P]`` to one fp32 update ``[P]``.
 
-        ``key`` names the payload stream (e.g. a Streaming DiLoCo fragment).
+        ``key`` names the payload stream (e.g. a Streaming DiLoCo fragment); ``weights``
+        ``[K]`` (e.g. steps run under a deadline) turn the mean into a weighted mean.
         """
         parts = self.stream(key)
         codec, attack = parts["codec"], parts["attack"]
@@ -186,6 +189,8 @@ class ExchangePipeline:
         sent = codec.decode(enc)
         nbytes = enc.nbytes_per_worker()
         if attack is None and type(parts["aggregator"]) is Mean and wire_name(codec) in RING_CODECS:
+            if weights is not None:  # the weighted mean as a mean of rescaled rows
+                sent = sent * (weights * len(weights) / weights.sum()).to(sent)[:, None]
             return self.comm.all_reduce_mean(sent, nbytes=nbytes)
         payloads: list[Any] = list(sent)
         if isinstance(attack, Malformed):
@@ -204,7 +209,7 @@ class ExchangePipeline:
         wire = torch.zeros_like(sent)  # rejected rows still cost their bytes
         wire[ok] = torch.stack([payloads[i] for i in ok])
         gathered = self.comm.all_gather(wire, nbytes=nbytes)[ok]
-        return parts["aggregator"](gathered)
+        return parts["aggregator"](gathered, None if weights is None else weights[ok])
 
     def state_dict(self) -> dict[str, Any]:
         """Per-stream codec (error-feedback residuals), aggregator and attack state."""
