@@ -48,13 +48,15 @@ class SimClock:
         self.comm_s = dict.fromkeys(self.networks, 0.0)
         self._step_s = 0.0
 
-    def compute(self, steps: Sequence[int], measured_s: float) -> None:
+    def compute(
+        self, steps: Sequence[int], measured_s: float, speeds: Sequence[float] | None = None
+    ) -> None:
         """Add a round's compute: the longest ``steps_i / speed_i`` in reference steps.
 
         The reference step time is ``workers.step_time_s``, or the measured time per
         worker-step of this round.
         """
-        speeds = self.speeds or (1.0,) * len(steps)
+        speeds = speeds or self.speeds or (1.0,) * len(steps)
         ran = [(n, v) for n, v in zip(steps, speeds, strict=True) if n]
         if not ran:
             return

@@ -76,6 +76,25 @@ class SyncConfig:
 
 
 @dataclass
+class FaultEvent:
+    """One scheduled fault (see :mod:`diloco.faults`)."""
+
+    worker: int = field(default=0, metadata=_ge(0))
+    round: int = field(default=0, metadata=_ge(0))
+    kind: Literal["crash", "leave", "rejoin", "delay"] = "crash"
+
+
+@dataclass
+class FaultsConfig:
+    """Scheduled fault events and a random departure rate (see :mod:`diloco.faults`)."""
+
+    events: list[FaultEvent] = field(default_factory=list)
+    rate: float = field(default=0.0, metadata={"ge": 0.0, "le": 1.0})
+    rejoin_after: int = field(default=2, metadata=_ge(1))
+    delay_factor: float = field(default=4.0, metadata={"ge": 1.0})
+
+
+@dataclass
 class DataConfig:
     """Where text comes from, how it is tokenized, packed, held out and sharded."""
 
@@ -134,6 +153,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -35,6 +35,7 @@ from diloco.comm import InProcessComm
 from diloco.comm.pipeline import ExchangePipeline
 from diloco.config import Config, ConfigError, build, build_optimizer
 from diloco.data import Corpus, ShardSampler, load_corpus, shard_indices
+from diloco.faults import Faults
 from diloco.profiles import worker_profiles
 from diloco.sync import steps_per_worker
 from diloco.workers import Batch, WorkerGroup, lr_multiplier
@@ -78,13 +79,11 @@ class Trainer:
         worker_ids = list(range(cfg.workers.count))
         self.group = WorkerGroup(model, worker_ids, build_optimizer(cfg.optimizer, "optimizer"))
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm", self.group)
-        if cfg.sync.policy != "all" and (
-            self.algorithm.inner_steps < 2 or not self.algorithm.uses_exchange
-        ):
-            raise ConfigError(
-                f"sync={cfg.sync.policy}",
-                f"needs rounds of several local steps, not {cfg.algorithm['name']}",
-            )
+        self.faults = Faults(cfg.faults, cfg.workers.count, cfg.seed)
+        uneven = cfg.sync.policy != "all" or cfg.faults.events or cfg.faults.rate
+        if uneven and (self.algorithm.inner_steps < 2 or not self.algorithm.uses_exchange):
+            key = f"sync={cfg.sync.policy}" if cfg.sync.policy != "all" else "faults"
+            raise ConfigError(key, f"needs rounds of local steps, not {cfg.algorithm['name']}")
         defaults = ({"name": "none"}, {"name": "mean"}, {"name": "none"})
         plugins = (cfg.codec, cfg.aggregator, cfg.attack)
         if not self.algorithm.uses_exchange and any(
@@ -152,8 +151,11 @@ class Trainer:
         return row
 
     def _sync(self, steps: list[int] | None = None) -> None:
-        steps = steps or [0]
+        steps = steps or [1]
         self.exchange.round = self.round
+        if not any(steps):  # nobody ran this round (everyone absent): nothing to sync
+            self.round += 1
+            return
         rows = self.algorithm.payload(self.group)
         # under a deadline, payloads are weighted by the steps each worker ran
         weights = None if len(set(steps)) == 1 else torch.tensor(steps, dtype=torch.float32)
@@ -191,15 +193,19 @@ class Trainer:
         self._start = time.perf_counter() - self.wall_s
         while self.step < tc.steps:
             n = min(h, tc.steps - self.step)
-            speeds = self.profiles.speeds
+            now = self.faults.at(self.round)
+            for w in now.crashed:  # a crash loses the worker's local optimizer state
+                self.group.optimizers[w].state.clear()
+            speeds = [v / d for v, d in zip(self.profiles.speeds, now.slowdown, strict=True)]
             steps = steps_per_worker(self.cfg.sync.policy, n, speeds, self.cfg.sync.budget)
+            steps = [s if here else 0 for s, here in zip(steps, now.present, strict=True)]
             started = time.perf_counter()
             row: dict[str, float] = {}
             for i in range(n):
                 row = self._inner_step([s > i for s in steps]) or row
                 if i < n - 1 and self.step % tc.log_every == 0:
                     logger.log(row, self.step)
-            self.clock.compute(steps, time.perf_counter() - started)
+            self.clock.compute(steps, time.perf_counter() - started, speeds)
             self.worker_steps += torch.tensor(steps)
             self._sync(steps)
             self._end_round(row, n, logger)
