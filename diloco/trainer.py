@@ -29,6 +29,7 @@ import torch
 
 from diloco import checkpoint
 from diloco import metrics as M
+from diloco.adversary.poison import PoisonedSampler
 from diloco.algorithms import Algorithm
 from diloco.clock import SimClock
 from diloco.comm import InProcessComm
@@ -96,10 +97,19 @@ class Trainer:
         shards = shard_indices(
             self.corpus, cfg.workers.count, cfg.data.shard, cfg.seed, cfg.data.dirichlet_alpha
         )
-        self.samplers = [
+        self.samplers: list[ShardSampler | PoisonedSampler] = [
             ShardSampler(self.corpus.train, shards[i], cfg.train.batch_size, cfg.seed, i)
             for i in worker_ids
         ]
+        if cfg.attack["name"] == "poison":
+            mode = cfg.attack.get("mode", "shuffle")
+            for i in torch.nonzero(self.exchange.byzantine).flatten().tolist():
+                try:
+                    self.samplers[i] = PoisonedSampler(
+                        self.samplers[i], mode, self.corpus.vocab_size, cfg.seed, i
+                    )
+                except ValueError as err:
+                    raise ConfigError("attack.mode", str(err)) from None
         held_out = self.corpus.eval[: cfg.train.eval_sequences].split(EVAL_BATCH)
         self.eval_set = [self._to_device((s[:, :-1], s[:, 1:])) for s in held_out]
         self.step = 0  # reference inner steps (a worker at speed 1 under any sync policy)

@@ -148,7 +148,7 @@ class ExchangePipeline:
         mask = byzantine_mask(cfg.attack, k)
         atk_name, atk_kwargs, _ = _split(cfg.attack, "attack", AttackSpec)
         attack = None
-        if atk_name != "none" and mask.any():
+        if atk_name not in ("none", "poison") and mask.any():  # poison acts on data
             attack = functools.partial(build_attack, atk_name, **atk_kwargs)
         probe = torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
         codec().encode(probe)

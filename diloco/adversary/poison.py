@@ -1,0 +1,54 @@
+"""Data poisoning: Byzantine workers train on corrupted batches and send honest-looking payloads.
+
+``shuffle`` permutes the tokens of each sequence (the model learns unigram statistics only);
+``random`` replaces them by uniform random tokens. The corruption of a batch is seeded by
+``(seed, worker_id, draw)`` so a resumed run corrupts exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+import torch
+
+
+class PoisonedSampler:
+    """Wraps a worker's sampler; every batch it draws is corrupted."""
+
+    def __init__(
+        self,
+        sampler: Any,
+        mode: Literal["shuffle", "random"],
+        vocab_size: int,
+        seed: int,
+        worker: int,
+    ) -> None:
+        if mode not in ("shuffle", "random"):
+            raise ValueError(f"poison mode {mode!r}: allowed shuffle, random")
+        self.sampler, self.mode, self.vocab = sampler, mode, vocab_size
+        self.seed, self.worker, self.draws = seed, worker, 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The wrapped sampler's next batch, corrupted; ``y`` stays ``x`` shifted by one."""
+        x, y = self.sampler.next_batch()
+        seqs = torch.cat([x, y[:, -1:]], dim=1)
+        digest = hashlib.sha256(f"{self.seed}/{self.worker}/{self.draws}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        self.draws += 1
+        if self.mode == "random":
+            seqs = torch.randint(0, self.vocab, seqs.shape, generator=gen)
+        else:
+            order = torch.rand(seqs.shape, generator=gen).argsort(dim=1)
+            seqs = seqs.gather(1, order)
+        return seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped sampler's position and the number of corrupted draws."""
+        return {**self.sampler.state_dict(), "poison_draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        state = dict(state)
+        self.draws = int(state.pop("poison_draws"))
+        self.sampler.load_state_dict(state)
