@@ -95,6 +95,16 @@ class FaultsConfig:
 
 
 @dataclass
+class ValidatorConfig:
+    """Gauntlet-style scoring of contributions (see :mod:`diloco.adversary.validator`)."""
+
+    name: Literal["none", "gauntlet"] = "none"
+    beta: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
+    min_score: float = 0.0
+    copy_threshold: float = field(default=0.999, metadata={"gt": 0.0, "le": 1.0})
+
+
+@dataclass
 class DataConfig:
     """Where text comes from, how it is tokenized, packed, held out and sharded."""
 
@@ -154,6 +164,7 @@ class Config:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    validator: ValidatorConfig = field(default_factory=ValidatorConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -30,7 +30,8 @@ import torch
 from diloco import checkpoint
 from diloco import metrics as M
 from diloco.adversary.poison import PoisonedSampler
-from diloco.algorithms import Algorithm
+from diloco.adversary.validator import Gauntlet
+from diloco.algorithms import Algorithm, DiLoCo
 from diloco.clock import SimClock
 from diloco.comm import InProcessComm
 from diloco.comm.pipeline import ExchangePipeline
@@ -110,6 +111,8 @@ class Trainer:
                     )
                 except ValueError as err:
                     raise ConfigError("attack.mode", str(err)) from None
+        if cfg.validator.name == "gauntlet":
+            self.exchange.validator = self._gauntlet(shards)
         held_out = self.corpus.eval[: cfg.train.eval_sequences].split(EVAL_BATCH)
         self.eval_set = [self._to_device((s[:, :-1], s[:, 1:])) for s in held_out]
         self.step = 0  # reference inner steps (a worker at speed 1 under any sync policy)
@@ -128,6 +131,37 @@ class Trainer:
         self.last_eval: float = float("nan")
         self.ckpt_path = self.run_dir / checkpoint.FILENAME
         self._start = time.perf_counter()
+
+    def _gauntlet(self, shards: list[torch.Tensor]) -> Gauntlet:
+        """The validator: each worker's own-data batch and a held-out batch outside eval."""
+        cfg = self.cfg
+        if not isinstance(self.algorithm, DiLoCo):
+            raise ConfigError("validator=gauntlet", "scores full pseudo-gradients: use DiLoCo")
+        b = cfg.train.batch_size
+        own = [
+            self._to_device(
+                ShardSampler(self.corpus.train, shards[i], b, cfg.seed + 1, i).next_batch()
+            )
+            for i in range(cfg.workers.count)
+        ]
+        spare = self.corpus.eval[cfg.train.eval_sequences : cfg.train.eval_sequences + b]
+        if len(spare) == 0:
+            spare = self.corpus.eval[:b]
+        held = self._to_device((spare[:, :-1], spare[:, 1:]))
+        return Gauntlet(
+            cfg.validator, self._loss_at, own.__getitem__, held,
+            lambda: self.group.global_param.data, self.exchange.byzantine,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _loss_at(self, flat: torch.Tensor, batch: Batch) -> float:
+        """The global model's loss on ``batch`` with its parameters set to ``flat``."""
+        theta = self.group.global_param.data
+        saved = theta.clone()
+        theta.copy_(flat)
+        loss = float(self.group.global_model(*batch)[1])
+        theta.copy_(saved)
+        return loss
 
     def _to_device(self, batch: Batch) -> Batch:
         x, y = batch
@@ -191,6 +225,8 @@ class Trainer:
         }
         if self.exchange.stats.excluded_total:
             out[M.EXCLUDED] = self.exchange.stats.excluded
+        if self.exchange.validator is not None:
+            out.update(self.exchange.validator.metrics())
         return out
 
     # -- the run ------------------------------------------------------------------------------
@@ -261,6 +297,7 @@ class Trainer:
             "comm_bytes_total": self.comm.sent.sum().item(),
             "wall_time_s": self.wall_s,
             **self.clock.summary(),
+            **(self.exchange.validator.summary() if self.exchange.validator else {}),
         }
 
     # -- checkpointing ------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch
 from diloco.adversary.aggregators import Aggregator, Mean, build_aggregator
 from diloco.adversary.attacks import Attack, Malformed, build_attack
 from diloco.adversary.validate import validate_payloads
+from diloco.adversary.validator import Gauntlet
 from diloco.comm.base import Communicator
 from diloco.comm.codecs import Codec, ErrorFeedback, NoCodec, build_codec
 from diloco.config import Config, ConfigError, from_dict
@@ -135,6 +136,7 @@ class ExchangePipeline:
         zeros = torch.zeros(comm.num_workers, dtype=torch.bool)
         self.byzantine = byzantine if byzantine is not None else zeros
         self.max_abs = max_abs
+        self.validator: Gauntlet | None = None  # set by the trainer (needs the model)
         self.round = 0
         self.stats = ExchangeStats()
 
@@ -188,7 +190,8 @@ class ExchangePipeline:
         enc = codec.encode(rows)
         sent = codec.decode(enc)
         nbytes = enc.nbytes_per_worker()
-        if attack is None and type(parts["aggregator"]) is Mean and wire_name(codec) in RING_CODECS:
+        plain = attack is None and self.validator is None and type(parts["aggregator"]) is Mean
+        if plain and wire_name(codec) in RING_CODECS:
             if weights is not None:  # the weighted mean as a mean of rescaled rows
                 sent = sent * (weights * len(weights) / weights.sum()).to(sent)[:, None]
             return self.comm.all_reduce_mean(sent, nbytes=nbytes)
@@ -209,7 +212,14 @@ class ExchangePipeline:
         wire = torch.zeros_like(sent)  # rejected rows still cost their bytes
         wire[ok] = torch.stack([payloads[i] for i in ok])
         gathered = self.comm.all_gather(wire, nbytes=nbytes)[ok]
-        return parts["aggregator"](gathered, None if weights is None else weights[ok])
+        w = None if weights is None else weights[ok]
+        if self.validator is not None:
+            scored = self.validator.weigh(gathered, ok)
+            if scored.sum() > 0:
+                w = scored if w is None else scored * w
+            else:
+                log.warning("round %d: validator gave every payload weight 0; ignored", self.round)
+        return parts["aggregator"](gathered, w)
 
     def state_dict(self) -> dict[str, Any]:
         """Per-stream codec (error-feedback residuals), aggregator and attack state."""
@@ -217,7 +227,10 @@ class ExchangePipeline:
             key: {n: obj.state_dict() for n, obj in parts.items() if obj is not None}
             for key, parts in self.streams.items()
         }
-        return {"streams": streams, "stats": dict(vars(self.stats))}
+        out = {"streams": streams, "stats": dict(vars(self.stats))}
+        if self.validator is not None:
+            out["validator"] = self.validator.state_dict()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -225,3 +238,5 @@ class ExchangePipeline:
             for name, part_state in parts.items():
                 self.stream(key)[name].load_state_dict(part_state)
         self.stats = ExchangeStats(**state["stats"])
+        if self.validator is not None:
+            self.validator.load_state_dict(state["validator"])
