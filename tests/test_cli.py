@@ -144,9 +144,29 @@ def test_comm_methods_experiment_runs_every_method(tmp_path):
     assert all("sim_time_s@100mbps" in s for s in summaries)
 
 
+def test_robustness_and_straggler_experiments_and_their_report(tmp_path):
+    tiny = ("train.steps=4", "algorithm.inner_steps=2", "model.n_embd=16", "data.seq_len=16",
+            "train.eval_sequences=4", "train.eval_every=2", *QUIET)  # fmt: skip
+    rob, strag = tmp_path / "robustness", tmp_path / "stragglers"
+    out = cli("experiment=robustness", "attack=none,sign_flip", f"hydra.sweep.dir={rob}", *tiny)
+    assert out.returncode == 0, out.stderr
+    assert len(list(rob.rglob("summary.json"))) == 2 * 8  # every defense
+    out = cli("experiment=stragglers", f"hydra.sweep.dir={strag}", *tiny)
+    assert out.returncode == 0, out.stderr
+    report = subprocess.run(
+        [sys.executable, "experiments/robustness.py", str(rob), "--stragglers", str(strag),
+         "--out", str(tmp_path / "table.md")],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    table = (tmp_path / "table.md").read_text()
+    assert "| sign_flip |" in table and "| longtail | deadline |" in table
+
+
 def test_every_experiment_config_is_tested():
     names = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
-    assert names == {"debug", "diloco_vs_ddp", "demo_vs_ddp", "comm_methods"}  # test new ones
+    assert names == {"debug", "diloco_vs_ddp", "demo_vs_ddp", "comm_methods", "robustness",
+                     "stragglers"}  # fmt: skip
 
 
 def _final_state(run_dir: Path) -> dict:

@@ -1,0 +1,89 @@
+"""Tables for the ``robustness`` and ``stragglers`` sweeps.
+
+    python -m diloco.train experiment=robustness
+    python -m diloco.train experiment=stragglers
+    python experiments/robustness.py multirun/robustness --stragglers multirun/stragglers
+
+Writes ``experiments/results/robustness.md``: the final eval-loss gap of every attack x
+defense against the honest-only run (no attack, mean), the validator's detection, and the
+modelled time to a target loss for each sync policy and worker profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from diloco.results import load_metrics
+
+DEFENSES = ["mean", "median", "trimmed_mean", "geomed", "multikrum", "cclip",
+            "nnm_trimmed_mean", "gauntlet"]  # fmt: skip
+
+
+def _overrides(run: Path) -> dict[str, str]:
+    lines = (run / ".hydra" / "overrides.yaml").read_text().splitlines()
+    pairs = (line.removeprefix("- ").lstrip("+").split("=", 1) for line in lines)
+    return {k: v for k, v in pairs}
+
+
+def robustness(sweep: Path) -> list[str]:
+    """Markdown: gap vs honest-only per attack (rows) and defense (columns)."""
+    runs = {}
+    for summary in sweep.rglob("summary.json"):
+        o = _overrides(summary.parent)
+        runs[o["attack"], o["defense"]] = json.loads(summary.read_text())
+    honest = runs["none", "mean"]["final_eval_loss"]
+    attacks = sorted({a for a, _ in runs}, key=lambda a: (a != "none", a))
+    lines = [f"Honest-only (no attack, mean): final eval loss {honest:.4f}.", "",
+             "| attack | " + " | ".join(DEFENSES) + " |",
+             "|---|" + "---|" * len(DEFENSES)]  # fmt: skip
+    for a in attacks:
+        cells = []
+        for d in DEFENSES:
+            s = runs.get((a, d))
+            cells.append("" if s is None else f"{s['final_eval_loss'] / honest - 1:+.1%}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", "Validator (gauntlet) detection, averaged over rounds:", "",
+              "| attack | precision | recall |", "|---|---|---|"]  # fmt: skip
+    for a in attacks:
+        s = runs.get((a, "gauntlet"))
+        if s and a != "none":
+            lines.append(f"| {a} | {s['detect_precision']:.2f} | {s['detect_recall']:.2f} |")
+    return lines
+
+
+def stragglers(sweep: Path) -> list[str]:
+    """Markdown: modelled time to the loss every run reaches, per profile and sync policy."""
+    runs = {}
+    for summary in sweep.rglob("summary.json"):
+        o = _overrides(summary.parent)
+        rows = load_metrics(summary.parent)
+        runs[o["workers"], o["sync"]] = [r for r in rows if "eval/loss" in r]
+    target = max(min(r["eval/loss"] for r in rows) for rows in runs.values())
+    lines = [f"Target eval loss {target:.4f} (the best loss the slowest-learning run reached).",
+             "", "| workers | sync | modelled time to target (s) | final eval loss |",
+             "|---|---|---|---|"]  # fmt: skip
+    for (workers, sync), rows in sorted(runs.items()):
+        t = next(r["time/sim_s"] for r in rows if r["eval/loss"] <= target)
+        lines.append(f"| {workers} | {sync} | {t:.1f} | {rows[-1]['eval/loss']:.4f} |")
+    return lines
+
+
+def main() -> None:
+    """Print and write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--stragglers", default=None)
+    parser.add_argument("--out", default="experiments/results/robustness.md")
+    args = parser.parse_args()
+    lines = robustness(Path(args.sweep_dir))
+    if args.stragglers:
+        lines += ["", *stragglers(Path(args.stragglers))]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
