@@ -101,6 +101,7 @@ class ValidatorConfig:
     name: Literal["none", "gauntlet"] = "none"
     beta: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
     min_score: float = 0.0
+    relative_min: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
     copy_threshold: float = field(default=0.999, metadata={"gt": 0.0, "le": 1.0})
 
 

@@ -115,6 +115,7 @@ class Trainer:
             self.exchange.validator = self._gauntlet(shards)
         held_out = self.corpus.eval[: cfg.train.eval_sequences].split(EVAL_BATCH)
         self.eval_set = [self._to_device((s[:, :-1], s[:, 1:])) for s in held_out]
+        self.assigned: dict[int, Batch] = {}  # each worker's latest assigned batch
         self.step = 0  # reference inner steps (a worker at speed 1 under any sync policy)
         self.worker_steps = torch.zeros(cfg.workers.count, dtype=torch.long)  # steps each ran
         self.round = 0
@@ -133,23 +134,17 @@ class Trainer:
         self._start = time.perf_counter()
 
     def _gauntlet(self, shards: list[torch.Tensor]) -> Gauntlet:
-        """The validator: each worker's own-data batch and a held-out batch outside eval."""
+        """The validator: each worker's latest assigned batch and a held-out batch."""
         cfg = self.cfg
         if not isinstance(self.algorithm, DiLoCo):
             raise ConfigError("validator=gauntlet", "scores full pseudo-gradients: use DiLoCo")
         b = cfg.train.batch_size
-        own = [
-            self._to_device(
-                ShardSampler(self.corpus.train, shards[i], b, cfg.seed + 1, i).next_batch()
-            )
-            for i in range(cfg.workers.count)
-        ]
         spare = self.corpus.eval[cfg.train.eval_sequences : cfg.train.eval_sequences + b]
         if len(spare) == 0:
             spare = self.corpus.eval[:b]
         held = self._to_device((spare[:, :-1], spare[:, 1:]))
         return Gauntlet(
-            cfg.validator, self._loss_at, own.__getitem__, held,
+            cfg.validator, self._loss_at, lambda i: self.assigned.get(i, held), held,
             lambda: self.group.global_param.data, self.exchange.byzantine,
         )  # fmt: skip
 
@@ -179,6 +174,10 @@ class Trainer:
                 self._to_device(s.next_batch()) if a else None
                 for s, a in zip(self.samplers, active, strict=True)
             ]
+            for i, (sampler, batch) in enumerate(zip(self.samplers, batches, strict=True)):
+                if batch is not None:  # the data assigned to the worker this step
+                    clean = getattr(sampler, "last_clean", None)
+                    self.assigned[i] = batch if clean is None else self._to_device(clean)
             losses = self.group.forward_backward(batches)
             self.exchange.round = self.round
             self.algorithm.on_gradients(self.group, self.exchange)

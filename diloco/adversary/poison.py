@@ -32,6 +32,7 @@ class PoisonedSampler:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The wrapped sampler's next batch, corrupted; ``y`` stays ``x`` shifted by one."""
         x, y = self.sampler.next_batch()
+        self.last_clean = (x, y)  # what an honest worker would have trained on
         seqs = torch.cat([x, y[:, -1:]], dim=1)
         digest = hashlib.sha256(f"{self.seed}/{self.worker}/{self.draws}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))

@@ -4,12 +4,16 @@ After Templar's Gauntlet: for every payload row ``delta_i`` (a pseudo-gradient),
 alone to the global model, ``theta_i' = theta - delta_i`` (for DiLoCo this is worker i's
 model), and measure
 
-    own_i    = L(theta; own batch_i)    - L(theta_i'; own batch_i)   data assigned to worker i
+    own_i    = L(theta; own batch_i)    - L(theta_i'; own batch_i)   the batch assigned to
+                                                                   worker i this round
     random_i = L(theta; random batch)   - L(theta_i'; random batch)  held-out data
 
 The raw score is ``own_i + random_i``, smoothed per worker by an EMA (``score <- beta *
-score + (1 - beta) * raw``). Workers whose EMA score is at most ``min_score`` get weight 0
-(excluded); the others are weighted by their score. A row whose cosine similarity to an
+score + (1 - beta) * raw``). A worker that trained on its assigned data removes much more
+loss there than one that did not (free rider), trained on other data (poison) or sent a
+harmful update (sign flip). Workers whose EMA score is at most ``min_score`` or below
+``relative_min`` times the median score get weight 0 (excluded); the others are weighted
+by their score. A row whose cosine similarity to an
 earlier row is above ``copy_threshold`` is flagged as a copy and excluded. Detection is
 reported against the true Byzantine ids as precision and recall of the excluded set, and as
 the share of aggregation weight that Byzantine workers received.
@@ -64,6 +68,7 @@ class Gauntlet:
         base_random = self.loss_at(theta, self.random_batch)
         weights = torch.zeros(len(ids), dtype=torch.float64)
         unit = torch.nn.functional.normalize(rows.double(), dim=1)
+        copies = []
         for j, i in enumerate(ids):
             own = self.own_batch(i)
             moved = theta - rows[j]
@@ -72,9 +77,12 @@ class Gauntlet:
             b = self.cfg.beta if self.seen[i] else 0.0
             self.scores[i] = b * self.scores[i] + (1 - b) * raw
             self.seen[i] = True
-            copy = j > 0 and bool((unit[:j] @ unit[j] > self.cfg.copy_threshold).any())
-            if self.scores[i] > self.cfg.min_score and not copy:
-                weights[j] = self.scores[i]
+            copies.append(j > 0 and bool((unit[:j] @ unit[j] > self.cfg.copy_threshold).any()))
+        scores = self.scores[list(ids)]
+        floor = max(self.cfg.min_score, self.cfg.relative_min * float(scores.median()))
+        for j in range(len(ids)):
+            if scores[j] > floor and not copies[j]:
+                weights[j] = scores[j]
         self._detect(weights, ids)
         return weights.float()
 
