@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from demo_optim import DeMo
-from diloco.adversary.validate import validate_payloads
 from diloco.algorithms.base import AlgorithmBase, Gather
 from diloco.config import ConfigError
 from diloco.workers import WorkerGroup
@@ -43,38 +42,45 @@ class DeMoSync(AlgorithmBase):
             raise ConfigError("optimizer", "algorithm=demo needs optimizer=demo (demo_optim.DeMo)")
 
     def step_optimizers(self, group: WorkerGroup, gather: Gather, lr_mult: float) -> None:
-        """Encode on every worker, all-gather each payload tensor, check it, apply everywhere."""
+        """Encode on every worker, all-gather each payload tensor, check it, apply once.
+
+        Every worker would apply the same aggregate to the same parameters, so worker 0
+        applies it and its row is copied to the others (one decode instead of K).
+        """
         group.set_lr(lr_mult)
         payloads = [opt.encode() for opt in group.optimizers]  # type: ignore[attr-defined]
         gathered = [gather(torch.stack(parts)) for parts in zip(*payloads, strict=True)]
         bounds = group.optimizers[0].index_bounds()  # type: ignore[attr-defined]
-        keep = self.valid_senders(gathered, payloads[0], bounds)
-        if len(keep) < gathered[0].shape[0]:
-            gathered = [g[keep] for g in gathered]
-        for opt in group.optimizers:
-            opt.apply(gathered)  # type: ignore[attr-defined]
+        bad = self.bad_senders(gathered, payloads[0], bounds)
+        if bad.any():
+            gathered = [g[~bad] for g in gathered]
+        group.optimizers[0].apply(gathered)  # type: ignore[attr-defined]
+        group.params[1:].copy_(group.params[0].expand_as(group.params[1:]))
 
-    def valid_senders(
+    def bad_senders(
         self, gathered: list[torch.Tensor], own: list[torch.Tensor], bounds: list[int | None]
-    ) -> list[int]:
-        """Senders whose payload tensors all have the expected shape, dtype, range, values.
+    ) -> torch.Tensor:
+        """``[K]`` mask of senders with an out-of-range index or a non-finite value.
 
-        Payloads come from untrusted peers: a worker with any bad tensor is excluded from
-        this step (logged); the others' coefficients are averaged as usual.
+        Payloads come from untrusted peers: a bad sender is excluded from this step (logged)
+        and the others' coefficients are averaged as usual. Shape and dtype are the same for
+        every row of a gathered tensor, so they are checked once per tensor.
         """
-        keep = []
-        for i in range(gathered[0].shape[0]):
-            reasons: list[str] = []
-            for g, mine, bound in zip(gathered, own, bounds, strict=True):
-                _, bad = validate_payloads(
-                    [g[i]], shape=tuple(mine.shape), dtype=mine.dtype, index_bound=bound
+        bad = torch.zeros(gathered[0].shape[0], dtype=torch.bool, device=gathered[0].device)
+        for g, mine, bound in zip(gathered, own, bounds, strict=True):
+            if g.shape[1:] != mine.shape or g.dtype != mine.dtype:
+                raise RuntimeError(
+                    f"demo: gathered payload {tuple(g.shape)} {g.dtype} does not match "
+                    f"{tuple(mine.shape)} {mine.dtype}"
                 )
-                reasons += bad.values()
-            if reasons:
-                self.excluded_total += 1
-                log.warning("demo: payload of worker %d excluded: %s", i, reasons[0])
-            else:
-                keep.append(i)
-        if not keep:
+            rows = g.flatten(1)
+            if bound is not None:
+                bad |= ((rows < 0) | (rows >= bound)).any(1)
+            elif g.is_floating_point():
+                bad |= ~torch.isfinite(rows).all(1)
+        for i in torch.nonzero(bad).flatten().tolist():
+            self.excluded_total += 1
+            log.warning("demo: payload of worker %d excluded: index out of range or non-finite", i)
+        if bad.all():
             raise RuntimeError("demo: every payload was rejected")
-        return keep
+        return bad
