@@ -45,6 +45,13 @@ class Codec:
 
     name = "codec"
 
+    @dataclass
+    class Config:
+        """No arguments (codecs with arguments override this)."""
+
+    def __init__(self, cfg: Any = None) -> None:
+        pass
+
     def encode(self, rows: Tensor) -> Encoded:
         """Encode payload rows ``[n, P]``."""
         raise NotImplementedError

@@ -75,13 +75,6 @@ class NoCodec(Codec):
     name = "none"
     dtype = torch.float32
 
-    @dataclass
-    class Config:
-        """No arguments."""
-
-    def __init__(self, cfg: Config | None = None) -> None:
-        pass
-
     def encode(self, rows: Tensor) -> Encoded:
         """Cast to the wire dtype; fp16 values are clamped to its finite range."""
         x = _rows(rows)
@@ -193,13 +186,6 @@ class Sign(Codec):
     """
 
     name = "sign"
-
-    @dataclass
-    class Config:
-        """No arguments."""
-
-    def __init__(self, cfg: Config | None = None) -> None:
-        pass
 
     def encode(self, rows: Tensor) -> Encoded:
         """Pack sign bits and the per-row mean absolute value."""
