@@ -79,24 +79,22 @@ def eval_curve(run_dir: str | Path, x: str = "tokens") -> tuple[list[float], lis
 
 
 def plot_eval(runs: dict[str, str | Path], path: str | Path, title: str = "") -> None:
-    """Save a two-panel PNG: eval loss against tokens per worker and against bytes sent."""
+    """Save a two-panel PNG of :func:`plot_runs`: eval loss against tokens and bytes sent.
+
+    ``runs`` maps a label to a run dir (for runs that are not one sweep).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
 
+    metrics = pd.concat(
+        pd.DataFrame(load_metrics(run_dir)).assign(run=label) for label, run_dir in runs.items()
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, run_dir in runs.items():
-        for ax, x in zip(axes, ("tokens", "comm/bytes_sent"), strict=True):
-            xs, ys = eval_curve(run_dir, x)
-            ax.plot(xs, ys, marker="o", label=label)
-    axes[0].set_xlabel("tokens per worker")
-    axes[1].set_xlabel("bytes sent per worker")
-    axes[1].set_xscale("log")
-    for ax in axes:
-        ax.set_ylabel("eval loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    for ax, x in zip(axes, (M.TOKENS, M.BYTES_SENT), strict=True):
+        plot_runs(metrics, x=x, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
