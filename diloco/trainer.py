@@ -174,10 +174,11 @@ class Trainer:
                 self._to_device(s.next_batch()) if a else None
                 for s, a in zip(self.samplers, active, strict=True)
             ]
-            for i, (sampler, batch) in enumerate(zip(self.samplers, batches, strict=True)):
-                if batch is not None:  # the data assigned to the worker this step
-                    clean = getattr(sampler, "last_clean", None)
-                    self.assigned[i] = batch if clean is None else self._to_device(clean)
+            if self.exchange.validator is not None:  # it scores on the data assigned
+                for i, (sampler, batch) in enumerate(zip(self.samplers, batches, strict=True)):
+                    clean = getattr(sampler, "last_clean", None)  # a poisoner's real data
+                    if batch is not None:
+                        self.assigned[i] = batch if clean is None else self._to_device(clean)
             losses = self.group.forward_backward(batches)
             self.exchange.round = self.round
             self.algorithm.on_gradients(self.group, self.exchange)
@@ -194,14 +195,15 @@ class Trainer:
         return row
 
     def _sync(self, steps: list[int] | None = None) -> None:
-        steps = steps or [1]
+        """End a round; ``steps`` each worker ran (None: all the same number)."""
         self.exchange.round = self.round
-        if not any(steps):  # nobody ran this round (everyone absent): nothing to sync
+        if steps is not None and not any(steps):  # everyone absent: nothing to sync
             self.round += 1
             return
         rows = self.algorithm.payload(self.group)
-        # under a deadline, payloads are weighted by the steps each worker ran
-        weights = None if len(set(steps)) == 1 else torch.tensor(steps, dtype=torch.float32)
+        # under a deadline or with absent workers, payloads are weighted by steps run
+        uneven = steps is not None and len(set(steps)) > 1
+        weights = torch.tensor(steps, dtype=torch.float32) if uneven else None
         key = self.algorithm.payload_key
         update = None if rows is None else self.exchange(rows, key, weights)
         self.algorithm.apply(self.group, update)
