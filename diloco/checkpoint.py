@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,19 +18,69 @@ import torch
 FILENAME = "checkpoint.pt"
 
 
-def save(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically (write, fsync, rename)."""
+def path_for(run_dir: Path, rank: int, world_size: int) -> Path:
+    """``checkpoint.pt`` for one process; ``checkpoint-rank<r>.pt`` per rank when distributed."""
+    return run_dir / (FILENAME if world_size == 1 else f"checkpoint-rank{rank}.pt")
+
+
+def previous(path: Path) -> Path:
+    """Where :func:`save` keeps the checkpoint it replaced (``keep_previous``)."""
+    return path.with_name(path.name + ".prev")
+
+
+def save(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+    """Write ``state`` to ``path`` atomically (write, fsync, rename).
+
+    With ``keep_previous`` the replaced checkpoint is kept as :func:`previous` (ranks that save
+    separately can then fall back to a step that all of them reached).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, previous(path))
     os.replace(tmp, path)
 
 
 def load(path: Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save` (tensors on CPU)."""
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class Reducer(Protocol):
+    """What :func:`load_agreed` needs from the communicator."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks."""
+        ...
+
+
+def load_agreed(path: Path, comm: Reducer) -> dict[str, Any] | None:
+    """This rank's checkpoint at the latest step every rank saved (None: nobody has one).
+
+    Each rank has ``path`` and maybe its :func:`previous`. A rank killed between two ranks'
+    saves leaves the ranks one checkpoint apart; they then all load the older step. Ranks
+    with no step in common raise a one-line error.
+    """
+    found = {s["step"]: s for s in (load(p) for p in (path, previous(path)) if p.exists())}
+    if comm.world_size == 1:
+        return max(found.items())[1] if found else None
+    table = torch.zeros(comm.world_size, 2, dtype=torch.float64)  # step + 1; 0: none
+    for j, step in enumerate(sorted(found, reverse=True)):
+        table[comm.rank, j] = step + 1
+    table = comm.all_reduce_sum(table)  # each rank filled its own row
+    have = [{int(v) - 1 for v in row.tolist() if v > 0} for row in table]
+    if not any(have):
+        return None
+    common = set.intersection(*have)
+    if not common:
+        raise RuntimeError(f"resume: the ranks' checkpoints have no step in common: {have}")
+    return found[max(common)]
 
 
 def rng_state() -> dict[str, Any]:

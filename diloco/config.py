@@ -146,7 +146,9 @@ class LoggerConfig:
 class CommConfig:
     """The communicator that moves payloads between workers."""
 
-    backend: Literal["inprocess"] = "inprocess"
+    backend: Literal["inprocess", "torchdist"] = "inprocess"
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on CUDA, else gloo
+    timeout_s: float = field(default=300.0, metadata={"gt": 0.0})  # a collective's limit
     topology: Literal["ring", "butterfly", "parameter_server", "object_store"] = "ring"
     max_abs: float | None = field(default=1.0e6, metadata={"gt": 0.0})
     bandwidth_mbps: float = field(default=1000.0, metadata={"gt": 0.0})

@@ -15,9 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
+import torch.distributed
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from diloco import metrics as M
+from diloco.comm.torchdist import CommError
 from diloco.config import ConfigError, parse
 from diloco.data import DataError
 from diloco.trainer import Trainer
@@ -42,6 +46,8 @@ def _loggers(
 ) -> M.MultiLogger:
     cfg = trainer.cfg
     run_dir = trainer.run_dir
+    if not trainer.is_main:  # rank 0 logs for the whole run
+        return M.MultiLogger([])
     loggers: list[M.Logger] = [
         M.JsonlLogger(run_dir / "metrics.jsonl", trainer.step if resumed else None),
         M.ProgressLogger(cfg.train.steps, trainer.step, cfg.logger.progress),
@@ -53,19 +59,33 @@ def _loggers(
 
 
 def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Validate ``node``, train, and write ``summary.json`` into ``run_dir``."""
+    """Validate ``node``, train, and write ``summary.json`` into ``run_dir``.
+
+    With ``comm.backend=torchdist`` every rank calls this; they join the process group, use
+    rank 0's ``run_dir``, and rank 0 alone logs and writes the summary.
+    """
     resolved: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
     cfg = parse(resolved)
-    trainer = Trainer(cfg, run_dir)
-    resumed = cfg.resume and trainer.maybe_resume()
-    logger = _loggers(trainer, resolved, list(overrides or []), resumed)
+    if cfg.comm.backend == "torchdist":
+        from diloco.comm.torchdist import init_from_env, shared_path
+
+        init_from_env(torch.device(cfg.device), cfg.comm.dist_backend, cfg.comm.timeout_s)
+        run_dir = shared_path(run_dir)
     try:
-        summary = trainer.fit(logger)
+        trainer = Trainer(cfg, run_dir)
+        resumed = cfg.resume and trainer.maybe_resume()
+        logger = _loggers(trainer, resolved, list(overrides or []), resumed)
+        try:
+            summary = trainer.fit(logger)
+        finally:
+            logger.close()
     finally:
-        logger.close()
+        if cfg.comm.backend == "torchdist":
+            torch.distributed.destroy_process_group()
     summary.update(git_sha=git_sha(), run_dir=str(run_dir))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("summary (%s)\n%s", run_dir, M.format_table([summary], M.SUMMARY_COLUMNS))
+    if trainer.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("summary (%s)\n%s", run_dir, M.format_table([summary], M.SUMMARY_COLUMNS))
     return summary
 
 
@@ -75,11 +95,16 @@ def _hydra_main(node: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN and node.logger.group is None:
+        node.logger.group = "sweep-" + "_".join(Path(hydra_cfg.sweep.dir).parts[-2:])
     try:
         return float(run(node, run_dir, list(hydra_cfg.overrides.task))["final_eval_loss"])
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CommError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 _GROUP_OVERRIDE = re.compile(r"^[+~]?([a-z_]+)=(.*)$")

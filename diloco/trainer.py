@@ -33,7 +33,7 @@ from diloco.adversary.poison import PoisonedSampler
 from diloco.adversary.validator import Gauntlet
 from diloco.algorithms import Algorithm, DiLoCo
 from diloco.clock import SimClock
-from diloco.comm import InProcessComm
+from diloco.comm import make_comm
 from diloco.comm.pipeline import ExchangePipeline
 from diloco.config import Config, ConfigError, build, build_optimizer
 from diloco.data import Corpus, ShardSampler, load_corpus, shard_indices
@@ -68,18 +68,21 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus | None = None) -> None:
         self.cfg = cfg
-        self.comm = InProcessComm(cfg.workers.count, cfg.comm.topology)
+        self.device = _device(cfg.device)
+        self.comm = make_comm(cfg, self.device)
+        if self.comm.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.is_main = self.comm.rank == 0  # evaluates, logs and writes the summary
         self.exchange = ExchangePipeline.from_config(self.comm, cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.corpus = corpus if corpus is not None else load_corpus(cfg.data)
         torch.manual_seed(cfg.seed)
-        self.device = _device(cfg.device)
         model = build(
             cfg.model, "model", vocab_size=self.corpus.vocab_size, block_size=cfg.data.seq_len
         ).to(self.device)
-        worker_ids = list(range(cfg.workers.count))
-        self.group = WorkerGroup(model, worker_ids, build_optimizer(cfg.optimizer, "optimizer"))
+        self.local_ids = self.comm.local_ids  # global ids of the workers this process hosts
+        self.group = WorkerGroup(model, self.local_ids, build_optimizer(cfg.optimizer, "optimizer"))
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm", self.group)
         self.faults = Faults(cfg.faults, cfg.workers.count, cfg.seed)
         uneven = cfg.sync.policy != "all" or cfg.faults.events or cfg.faults.rate
@@ -98,9 +101,10 @@ class Trainer:
         shards = shard_indices(
             self.corpus, cfg.workers.count, cfg.data.shard, cfg.seed, cfg.data.dirichlet_alpha
         )
+        # every worker's sampler, so that the validator can read any worker's assigned batch
         self.samplers: list[ShardSampler | PoisonedSampler] = [
             ShardSampler(self.corpus.train, shards[i], cfg.train.batch_size, cfg.seed, i)
-            for i in worker_ids
+            for i in range(cfg.workers.count)
         ]
         if cfg.attack["name"] == "poison":
             mode = cfg.attack.get("mode", "shuffle")
@@ -130,7 +134,7 @@ class Trainer:
             self.profiles,
         )
         self.last_eval: float = float("nan")
-        self.ckpt_path = self.run_dir / checkpoint.FILENAME
+        self.ckpt_path = checkpoint.path_for(self.run_dir, self.comm.rank, self.comm.world_size)
         self._start = time.perf_counter()
 
     def _gauntlet(self, shards: list[torch.Tensor]) -> Gauntlet:
@@ -164,22 +168,28 @@ class Trainer:
 
     # -- one round ----------------------------------------------------------------------------
 
-    def _inner_step(self, active: list[bool] | None = None) -> dict[str, float]:
-        """One reference step: every active worker steps; idle ones wait (deadline sync)."""
+    def _inner_step(self, active: list[bool] | None = None) -> torch.Tensor | None:
+        """One reference step: every active worker steps; idle ones wait (deadline sync).
+
+        ``active`` has one entry per worker of the run. Returns this process's sums of loss,
+        workers that ran and gradient norm (None when no worker of the run was active).
+        """
         tc = self.cfg.train
-        active = active or [True] * self.group.size
-        row: dict[str, float] = {}
+        active = active or [True] * self.cfg.workers.count
+        stats = None
         if any(active):
-            batches = [
-                self._to_device(s.next_batch()) if a else None
-                for s, a in zip(self.samplers, active, strict=True)
+            scored = self.exchange.validator is not None  # it scores on the data assigned
+            local = set(self.local_ids)
+            batches: list[Batch | None] = [
+                self._to_device(s.next_batch()) if a and (i in local or scored) else None
+                for i, (s, a) in enumerate(zip(self.samplers, active, strict=True))
             ]
-            if self.exchange.validator is not None:  # it scores on the data assigned
+            if scored:
                 for i, (sampler, batch) in enumerate(zip(self.samplers, batches, strict=True)):
                     clean = getattr(sampler, "last_clean", None)  # a poisoner's real data
                     if batch is not None:
                         self.assigned[i] = batch if clean is None else self._to_device(clean)
-            losses = self.group.forward_backward(batches)
+            losses = self.group.forward_backward([batches[i] for i in self.local_ids])
             self.exchange.round = self.round
             self.algorithm.on_gradients(self.group, self.exchange)
             norms = self.group.clip_grads(tc.grad_clip)
@@ -187,12 +197,24 @@ class Trainer:
                 self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio
             )
             self.algorithm.step_optimizers(self.group, self.comm.all_gather, mult)
-            row[M.TRAIN_LOSS] = losses.mean().item()
-            row[M.TRAIN_GRAD_NORM] = norms[torch.tensor(active)].mean().item()
-            row[M.TRAIN_LR] = self.group.optimizers[0].param_groups[0]["lr"]
+            ran = torch.tensor(self.group.active)
+            stats = torch.stack(
+                [losses.sum(), ran.sum().to(losses), norms[ran].sum().to(losses)]
+            ).double()
         self.step += 1
         self.algorithm.after_step(self.group, self.step)
-        return row
+        return stats
+
+    def _train_row(self, stats: torch.Tensor | None) -> dict[str, float]:
+        """Train metrics over every worker of the run (one small all-reduce when distributed)."""
+        if stats is None:
+            return {}
+        loss, ran, norm = self.comm.all_reduce_sum(stats).tolist()
+        return {
+            M.TRAIN_LOSS: loss / ran,
+            M.TRAIN_GRAD_NORM: norm / ran,
+            M.TRAIN_LR: self.group.optimizers[0].param_groups[0]["lr"],
+        }
 
     def _sync(self, steps: list[int] | None = None) -> None:
         """End a round; ``steps`` each worker ran (None: all the same number)."""
@@ -202,6 +224,7 @@ class Trainer:
             return
         rows = self.algorithm.payload(self.group)
         # under a deadline or with absent workers, payloads are weighted by steps run
+        # (``steps`` has one entry per worker of the run)
         uneven = steps is not None and len(set(steps)) > 1
         weights = torch.tensor(steps, dtype=torch.float32) if uneven else None
         key = self.algorithm.payload_key
@@ -211,7 +234,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss of the global model on the held-out batches."""
+        """Mean loss of the global model on the held-out batches.
+
+        Only the main process evaluates (the global model is the same on every process);
+        the others return NaN.
+        """
+        if not self.is_main:
+            return float("nan")
         model = self.group.global_model
         was_training = model.training
         model.eval()
@@ -242,16 +271,19 @@ class Trainer:
             n = min(h, tc.steps - self.step)
             now = self.faults.at(self.round)
             for w in now.crashed:  # a crash loses the worker's local optimizer state
-                self.group.optimizers[w].state.clear()
+                if w in self.local_ids:
+                    self.group.optimizers[self.local_ids.index(w)].state.clear()
             speeds = [v / d for v, d in zip(self.profiles.speeds, now.slowdown, strict=True)]
             steps = steps_per_worker(self.cfg.sync.policy, n, speeds, self.cfg.sync.budget)
             steps = [s if here else 0 for s, here in zip(steps, now.present, strict=True)]
             started = time.perf_counter()
-            row: dict[str, float] = {}
+            stats = None
             for i in range(n):
-                row = self._inner_step([s > i for s in steps]) or row
+                ran = self._inner_step([s > i for s in steps])
+                stats = stats if ran is None else ran
                 if i < n - 1 and self.step % tc.log_every == 0:
-                    logger.log(row, self.step)
+                    logger.log(self._train_row(stats), self.step)
+            row = self._train_row(stats)
             self.clock.compute(steps, time.perf_counter() - started, speeds)
             self.worker_steps += torch.tensor(steps)
             self._sync(steps)
@@ -279,7 +311,9 @@ class Trainer:
             logger.log(row, self.step)
         every = self.cfg.checkpoint.every
         if every and (self.round % every == 0 or last):
-            checkpoint.save(self.state_dict(), self.ckpt_path)
+            distributed = self.comm.world_size > 1
+            checkpoint.save(self.state_dict(), self.ckpt_path, keep_previous=distributed)
+            self.comm.barrier()
 
     def summary(self) -> dict[str, Any]:
         """The run's headline numbers (written to ``summary.json``)."""
@@ -308,6 +342,7 @@ class Trainer:
         return {
             "step": self.step,
             "round": self.round,
+            "local_ids": list(self.local_ids),
             "worker_steps": self.worker_steps.clone(),
             "wall_s": self.wall_s,
             "clock": self.clock.state_dict(),
@@ -322,6 +357,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+        saved = state.get("local_ids", self.local_ids)
+        if saved != self.local_ids:
+            raise ConfigError(
+                "resume",
+                f"the checkpoint holds workers {saved} on this rank, this run places "
+                f"{self.local_ids} here: resume with the same workers.count and world size",
+            )
         self.step = state["step"]
         self.round = state["round"]
         self.worker_steps.copy_(state["worker_steps"])
@@ -337,10 +379,15 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
 
     def maybe_resume(self) -> bool:
-        """Load the run dir's checkpoint if there is one; True when resumed."""
-        if not self.ckpt_path.exists():
+        """Load the run dir's checkpoint if there is one; True when resumed.
+
+        Distributed, every rank has its own file and the previous one; the ranks agree on
+        the latest step that all of them saved (a rank killed mid-save has the previous).
+        """
+        state = checkpoint.load_agreed(self.ckpt_path, self.comm)
+        if state is None:
             log.info("resume: no checkpoint in %s, starting from scratch", self.run_dir)
             return False
-        self.load_state_dict(checkpoint.load(self.ckpt_path))
+        self.load_state_dict(state)
         log.info("resumed from %s at step %d (round %d)", self.ckpt_path, self.step, self.round)
         return True

@@ -49,3 +49,12 @@ TINY = (
     "logger.mode=disabled",
     "logger.progress=false",
 )
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0, read it, close)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -9,6 +9,7 @@ workers are simulated or real.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -34,9 +35,16 @@ def allgather_bytes(n: int, nbytes: float) -> float:
 
 
 class Communicator(Protocol):
-    """Collectives over the workers' payload rows, with byte accounting."""
+    """Collectives over the workers' payload rows, with byte accounting.
+
+    ``local_ids`` are the global ids of the workers this process hosts (all of them in
+    simulation); payload rows passed in are theirs, in that order.
+    """
 
     num_workers: int
+    local_ids: list[int]
+    rank: int
+    world_size: int
     sent: torch.Tensor
     recv: torch.Tensor
 
@@ -49,6 +57,20 @@ class Communicator(Protocol):
 
     def all_gather(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
         """Every worker's row, ``[K_local, ...]`` -> ``[K, ...]`` in global worker order."""
+        ...
+
+    def all_gather_parts(
+        self, parts: Sequence[torch.Tensor], nbytes: float | None = None
+    ) -> list[torch.Tensor]:
+        """Several ``[K_local, ...]`` tensors gathered as one collective -> ``[K, ...]`` each."""
+        ...
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over processes, for metrics (not counted)."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait for every process."""
         ...
 
     def drain(self) -> list[tuple[Topology, float]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from diloco.comm.topology import (
@@ -30,10 +32,17 @@ class InProcessComm:
     all-reduce; a parameter server (``d`` each way; a gather is relayed like an object store);
     or an object store (upload ``d`` once, download ``(n-1) d``). ``d`` is one worker's
     payload as it is actually laid out (``numel * element_size`` of the encoded tensors).
+
+    :class:`diloco.comm.torchdist.TorchDistComm` subclasses this and replaces the tensor ops
+    by real collectives; byte accounting is shared, so both count the same bytes.
     """
+
+    rank = 0
+    world_size = 1
 
     def __init__(self, num_workers: int, topology: str = "ring") -> None:
         self.num_workers = num_workers
+        self.local_ids: list[int] = list(range(num_workers))
         self.reduce_topology, self.gather_topology = TOPOLOGIES[topology]
         self.sent = torch.zeros(num_workers, dtype=torch.float64)
         self.recv = torch.zeros(num_workers, dtype=torch.float64)
@@ -45,28 +54,50 @@ class InProcessComm:
         self.recv += recv
         self.pending.append((topology, nbytes))
 
+    def _nbytes(self, parts: Sequence[torch.Tensor], nbytes: float | None) -> float:
+        for t in parts:
+            if t.shape[0] != len(self.local_ids):
+                raise ValueError(f"expected {len(self.local_ids)} rows, got {tuple(t.shape)}")
+        if nbytes is not None:
+            return nbytes
+        return float(sum(t[0].numel() * t.element_size() for t in parts))
+
     def drain(self) -> list[tuple[Topology, float]]:
         """The collectives run since the last call, as ``(topology, bytes per worker)``."""
         done, self.pending = self.pending, []
         return done
 
     def all_reduce_mean(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
-        """Mean of the rows, in fp32; bytes charged by the reduce topology."""
-        self._check(rows)
-        nbytes = rows[0].numel() * rows.element_size() if nbytes is None else nbytes
-        self._count(self.reduce_topology, nbytes)
-        return rows.float().mean(0)
+        """Mean of every worker's row, in fp32; bytes charged by the reduce topology."""
+        self._count(self.reduce_topology, self._nbytes([rows], nbytes))
+        return self._sum_rows(rows.float()) / self.num_workers
+
+    def _sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.sum(0)
 
     def all_gather(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
-        """All rows; bytes charged by the gather topology."""
-        self._check(rows)
-        nbytes = rows[0].numel() * rows.element_size() if nbytes is None else nbytes
-        self._count(self.gather_topology, nbytes)
-        return rows
+        """Every worker's row ``[K, ...]``; bytes charged by the gather topology."""
+        return self.all_gather_parts([rows], nbytes)[0]
 
-    def _check(self, rows: torch.Tensor) -> None:
-        if rows.shape[0] != self.num_workers:
-            raise ValueError(f"expected {self.num_workers} rows, got {tuple(rows.shape)}")
+    def all_gather_parts(
+        self, parts: Sequence[torch.Tensor], nbytes: float | None = None
+    ) -> list[torch.Tensor]:
+        """All-gather several ``[K_local, ...]`` tensors as one collective.
+
+        E.g. an encoding's values, indices and scales; ``nbytes`` is one worker's share of all.
+        """
+        self._count(self.gather_topology, self._nbytes(parts, nbytes))
+        return self._gather(list(parts))
+
+    def _gather(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return parts
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of ``values`` over processes, for metrics (not counted as traffic)."""
+        return values
+
+    def barrier(self) -> None:
+        """Wait for every process (nothing to wait for in one process)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Byte counters, for checkpoints."""

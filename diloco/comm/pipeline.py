@@ -2,13 +2,15 @@
 
 ::
 
-    rows [K, P] fp32          local phase of the algorithm (pseudo-gradients, gradients)
+    rows [K_local, P] fp32    local phase of the algorithm (pseudo-gradients, gradients)
       -> codec.encode         quantize / sparsify in transit (error feedback per worker)
-      -> attack               Byzantine workers replace what they send, with what the honest
-                              workers send in view
       -> collective           all-reduce when the result is a plain mean of a payload a ring
                               can sum at its width (fp32, fp16, bf16, int8) and nothing is
-                              to be inspected; else all-gather. Bytes counted from the encoding
+                              to be inspected; else all-gather of the encoded tensors. Bytes
+                              counted from the encoding
+      -> attack               Byzantine payloads rewritten, with what the honest workers send
+                              in view (every process applies the same seeded attack to the
+                              gathered rows, so simulated and distributed runs agree)
       -> validate             untrusted input: shape, dtype, finite, magnitude; a bad row is
                               excluded with a logged reason and the run goes on
       -> aggregator           [n_ok, P] -> [P] in fp32 (mean, median, Krum, ...)
@@ -35,7 +37,7 @@ from diloco.adversary.attacks import Attack, Malformed, build_attack
 from diloco.adversary.validate import validate_payloads
 from diloco.adversary.validator import Gauntlet
 from diloco.comm.base import Communicator
-from diloco.comm.codecs import Codec, ErrorFeedback, NoCodec, build_codec
+from diloco.comm.codecs import Codec, Encoded, ErrorFeedback, NoCodec, build_codec
 from diloco.config import Config, ConfigError, from_dict
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,13 @@ def byzantine_mask(node: dict[str, Any], num_workers: int) -> torch.Tensor:
     if mask.all():
         raise ConfigError(f"attack.ids={ids}", "at least one worker must be honest")
     return mask
+
+
+def gather_encoded(comm: Communicator, enc: Encoded, nbytes: float) -> Encoded:
+    """All-gather an encoding's wire tensors (one collective) -> every worker's ``Encoded``."""
+    names = [n for n in ("values", "indices", "scales") if getattr(enc, n) is not None]
+    parts = comm.all_gather_parts([getattr(enc, n) for n in names], nbytes=nbytes)
+    return Encoded((comm.num_workers, enc.shape[1]), **dict(zip(names, parts, strict=True)))
 
 
 def wire_name(codec: Codec) -> str:
@@ -180,21 +189,23 @@ class ExchangePipeline:
     def __call__(
         self, rows: torch.Tensor, key: str = "", weights: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Reduce payload rows ``[K, P]`` to one fp32 update ``[P]``.
+        """Reduce this process's payload rows ``[K_local, P]`` with every other worker's to ``[P]``.
 
         ``key`` names the payload stream (e.g. a Streaming DiLoCo fragment); ``weights``
         ``[K]`` (e.g. steps run under a deadline) turn the mean into a weighted mean.
         """
         parts = self.stream(key)
         codec, attack = parts["codec"], parts["attack"]
-        enc = codec.encode(rows)
-        sent = codec.decode(enc)
+        enc = codec.encode(rows)  # this process's workers only (error feedback is per worker)
         nbytes = enc.nbytes_per_worker()
         plain = attack is None and self.validator is None and type(parts["aggregator"]) is Mean
         if plain and wire_name(codec) in RING_CODECS:
+            sent = codec.decode(enc)
             if weights is not None:  # the weighted mean as a mean of rescaled rows
-                sent = sent * (weights * len(weights) / weights.sum()).to(sent)[:, None]
+                scale = weights * len(weights) / weights.sum()
+                sent = sent * scale[self.comm.local_ids].to(sent)[:, None]
             return self.comm.all_reduce_mean(sent, nbytes=nbytes)
+        sent = codec.decode(gather_encoded(self.comm, enc, nbytes))  # [K, P], every worker
         payloads: list[Any] = list(sent)
         if isinstance(attack, Malformed):
             payloads = attack.corrupt_payloads(payloads, self.byzantine, self.round)
@@ -209,9 +220,7 @@ class ExchangePipeline:
             log.warning("round %d: payload excluded: %s", self.round, reason)
         if not ok:
             raise RuntimeError(f"round {self.round}: every payload was rejected")
-        wire = torch.zeros_like(sent)  # rejected rows still cost their bytes
-        wire[ok] = torch.stack([payloads[i] for i in ok])
-        gathered = self.comm.all_gather(wire, nbytes=nbytes)[ok]
+        gathered = torch.stack([payloads[i] for i in ok])
         w = None if weights is None else weights[ok]
         if self.validator is not None:
             scored = self.validator.weigh(gathered, ok)

@@ -1,0 +1,298 @@
+"""torch.distributed: the same config in one process and over 2 and 4 gloo ranks gives the same
+model; uneven placement; a killed rank restarts from its checkpoint; a dead peer is an error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diloco.comm.torchdist import Placement
+from diloco.config import ConfigError
+from tests.helpers import REPO, free_port
+
+pytestmark = pytest.mark.dist
+
+ENV = {
+    **os.environ,
+    "WANDB_MODE": "disabled",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def tiny(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    """A tiny GPT on a small text corpus, checkpointed at the end (its global model is read)."""
+    return [
+        f"data.path={corpus}",
+        f"data.cache_dir={corpus.parent / 'cache'}",
+        "data.seq_len=16",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=16",
+        "train.batch_size=2",
+        "train.steps=24",
+        "train.eval_every=12",
+        "train.eval_sequences=8",
+        "train.warmup_steps=2",
+        "checkpoint.every=100",  # and at the last round
+        "logger.mode=disabled",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("dist") / "corpus"
+    folder.mkdir()
+    for i in range(3):
+        lines = [f"line {j} of play {i}: to be or not to be, that is it." for j in range(300)]
+        (folder / f"play{i}.txt").write_text("\n".join(lines))
+    return folder
+
+
+def launch(args: list[str], nproc: int = 0, timeout: float = 180, **kw) -> subprocess.Popen:
+    """``python -m diloco.train`` (nproc=0) or torchrun with ``nproc`` ranks on a free port."""
+    if nproc:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        prefix += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+        prefix += kw.pop("torchrun", [])
+        prefix += ["-m", "diloco.train", "comm.backend=torchdist"]
+    else:
+        prefix = [sys.executable, "-m", "diloco.train"]
+    return subprocess.Popen(
+        prefix + args, cwd=REPO, env=ENV, text=True, start_new_session=True, **kw
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    """Wait; on timeout kill the whole process group (torchrun and its ranks)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out:\n{err[-3000:]}") from None
+    return proc.returncode, (err or "")[-4000:]
+
+
+def run(args: list[str], nproc: int = 0, **kw) -> str:
+    proc = launch(args, nproc, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    code, err = finish(proc)
+    assert code == 0, err
+    return err
+
+
+def result(run_dir: Path) -> tuple[float, torch.Tensor, dict]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    name = "checkpoint.pt" if (run_dir / "checkpoint.pt").exists() else "checkpoint-rank0.pt"
+    state = torch.load(run_dir / name, map_location="cpu", weights_only=False)
+    return summary["final_eval_loss"], state["group"]["global"], summary
+
+
+def assert_same(a: Path, b: Path) -> None:
+    loss_a, theta_a, sum_a = result(a)
+    loss_b, theta_b, sum_b = result(b)
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    torch.testing.assert_close(theta_a, theta_b, atol=1e-6, rtol=0)
+    assert sum_a["comm_bytes_total"] == sum_b["comm_bytes_total"]
+    assert sum_a["steps"] == sum_b["steps"]
+
+
+ALGORITHMS = {
+    "diloco": ("algorithm=diloco", "algorithm.inner_steps=4"),
+    "demo": ("algorithm=demo", "optimizer.compression_topk=4", "optimizer.compression_chunk=8"),
+    "ddp": ("algorithm=ddp",),
+}
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_simulated_equals_two_and_four_gloo_ranks(algorithm, corpus, tmp_path):
+    extra = ("workers.count=4", *ALGORITHMS[algorithm])
+    run(tiny(tmp_path / "sim", corpus, *extra))
+    for n in (2, 4):
+        run(tiny(tmp_path / f"dist{n}", corpus, *extra), nproc=n)
+        assert_same(tmp_path / "sim", tmp_path / f"dist{n}")
+        assert {p.name for p in (tmp_path / f"dist{n}").glob("checkpoint-rank*.pt")} == {
+            f"checkpoint-rank{r}.pt" for r in range(n)
+        }
+
+
+def test_uneven_placement_with_codec_attack_aggregator_and_validator(corpus, tmp_path):
+    """3 workers on 2 ranks; the whole exchange pipeline runs on the gathered rows."""
+    extra = (
+        "workers.count=3",
+        "algorithm.inner_steps=4",
+        "codec=topk",
+        "codec.error_feedback=true",
+        "attack=sign_flip",
+        "attack.num_byzantine=1",
+        "aggregator=median",
+        "validator=gauntlet",
+    )
+    run(tiny(tmp_path / "sim", corpus, *extra))
+    run(tiny(tmp_path / "dist", corpus, *extra), nproc=2)
+    assert_same(tmp_path / "sim", tmp_path / "dist")
+    ranks = [
+        torch.load(tmp_path / "dist" / f"checkpoint-rank{r}.pt", weights_only=False) for r in (0, 1)
+    ]
+    assert [s["local_ids"] for s in ranks] == [[0, 1], [2]]
+    sim = torch.load(tmp_path / "sim" / "checkpoint.pt", weights_only=False)
+    rows = torch.cat([s["group"]["params"] for s in ranks])
+    torch.testing.assert_close(rows, sim["group"]["params"], atol=1e-6, rtol=0)
+    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    assert (
+        summary["detect_precision"]
+        == json.loads((tmp_path / "sim" / "summary.json").read_text())["detect_precision"]
+    )
+
+
+def test_killed_rank_restarts_from_checkpoint_and_ends_equal(corpus, tmp_path):
+    extra = ("workers.count=2", "algorithm.inner_steps=2", "train.steps=400", "checkpoint.every=1")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run(tiny(full, corpus, *extra), nproc=2)
+    proc = launch(
+        tiny(killed, corpus, *extra, "resume=true"),
+        nproc=2,
+        torchrun=["--max-restarts", "1", "--monitor-interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint-rank1.pt.prev").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ranks = _rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGKILL)
+    code, err = finish(proc)
+    assert code == 0, err
+    assert "resumed from" in (killed / "train.log").read_text()
+    assert_same(full, killed)
+
+
+def _rank_pids(parent: int) -> list[int]:
+    """The pids of torchrun's rank processes (children of its process)."""
+    ps = ["ps", "-o", "pid=", "--ppid", str(parent)]
+    out = subprocess.run(ps, capture_output=True, text=True)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+def test_fewer_workers_than_ranks_is_a_config_error():
+    with pytest.raises(ConfigError, match="fewer workers than ranks"):
+        Placement(2, 4)
+    assert Placement(3, 2).counts == [2, 1]
+    assert Placement(3, 2).workers_of(1) == [2]
+    assert Placement(8, 3).workers_of(2) == [6, 7]
+
+
+def test_torchdist_without_torchrun_is_a_one_line_error(corpus, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "diloco.train", *tiny(tmp_path, corpus, "comm.backend=torchdist")],
+        cwd=REPO,
+        env={k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: comm.backend=torchdist")
+    assert "torchrun" in out.stderr
+
+
+PEER = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    from diloco.comm.torchdist import CommError, TorchDistComm, init_from_env
+    init_from_env(torch.device("cpu"), "gloo", timeout_s=2.0)
+    comm = TorchDistComm(4, timeout_s=2.0)
+    if comm.rank == 1:
+        if sys.argv[1] == "stall":
+            time.sleep(8)
+        sys.exit(0)  # never joins the collective
+    start = time.monotonic()
+    try:
+        comm.all_gather(torch.ones(2, 3))
+    except CommError as err:
+        print(f"{time.monotonic() - start:.1f}", err)
+        sys.exit(0)
+    sys.exit(1)
+    """
+)
+
+
+@pytest.mark.parametrize("peer", ["stall", "exit"])
+def test_collective_with_a_dead_or_stalled_peer_is_a_clear_error(peer, tmp_path):
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEER, peer],
+            cwd=REPO,
+            env={
+                **ENV,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        out, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 0, err[-2000:]
+    seconds, message = out.strip().split(" ", 1)
+    assert message.startswith("comm: all_gather (collective #1) failed on rank 0 of 2")
+    assert "a peer died or stalled" in message
+    assert float(seconds) < 10
+
+
+class _Ranks:
+    """A stand-in communicator for rank ``rank``: the other ranks' tables are given."""
+
+    def __init__(self, rank: int, others: torch.Tensor) -> None:
+        self.rank, self.world_size, self.others = rank, others.shape[0], others
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values + self.others
+
+
+def _save_steps(path: Path, *steps: int) -> None:
+    from diloco import checkpoint
+
+    for step in steps:
+        checkpoint.save({"step": step}, path, keep_previous=True)
+
+
+def test_ranks_resume_from_the_latest_step_all_of_them_saved(tmp_path):
+    from diloco import checkpoint
+
+    path = tmp_path / "checkpoint-rank0.pt"
+    _save_steps(path, 6, 8, 10)  # rank 0 saved step 10; rank 1 was killed before it did
+    others = torch.zeros(2, 2, dtype=torch.float64)
+    others[1] = torch.tensor([8 + 1, 6 + 1])
+    state = checkpoint.load_agreed(path, _Ranks(0, others))
+    assert state is not None and state["step"] == 8
+    others[1] = torch.tensor([10 + 1, 8 + 1])  # both saved step 10
+    assert checkpoint.load_agreed(path, _Ranks(0, others))["step"] == 10
+    others[1] = torch.tensor([4 + 1, 2 + 1])
+    with pytest.raises(RuntimeError, match="no step in common"):
+        checkpoint.load_agreed(path, _Ranks(0, others))
+    assert checkpoint.load_agreed(tmp_path / "none.pt", _Ranks(0, torch.zeros(2, 2))) is None
