@@ -89,6 +89,14 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
     return summary
 
 
+def sweep_group(sweep_dir: str) -> str:
+    """The W&B group the runs of one ``-m`` sweep share, unless ``logger.group`` is set.
+
+    ``multirun/2026-11-26/13-40-00`` -> ``sweep-2026-11-26_13-40-00``.
+    """
+    return "sweep-" + "_".join(Path(sweep_dir).parts[-2:])
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(node: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
@@ -96,7 +104,7 @@ def _hydra_main(node: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN and node.logger.group is None:
-        node.logger.group = "sweep-" + "_".join(Path(hydra_cfg.sweep.dir).parts[-2:])
+        node.logger.group = sweep_group(hydra_cfg.sweep.dir)
     try:
         return float(run(node, run_dir, list(hydra_cfg.overrides.task))["final_eval_loss"])
     except (ConfigError, DataError) as err:

@@ -196,7 +196,7 @@ class Trainer:
             mult = lr_multiplier(
                 self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio
             )
-            self.algorithm.step_optimizers(self.group, self.comm.all_gather, mult)
+            self.algorithm.step_optimizers(self.group, self.comm.all_gather_parts, mult)
             ran = torch.tensor(self.group.active)
             stats = torch.stack(
                 [losses.sum(), ran.sum().to(losses), norms[ran].sum().to(losses)]

@@ -217,3 +217,12 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus_dir, tmp_path):
         ]
 
     assert rows(full) == rows(killed)
+
+
+def test_runs_of_a_sweep_share_a_wandb_group():
+    from diloco.train import sweep_group
+
+    assert sweep_group("multirun/2026-11-26/13-40-00") == "sweep-2026-11-26_13-40-00"
+    assert sweep_group("/abs/multirun/2026-11-26/13-40-00") == sweep_group(
+        "multirun/2026-11-26/13-40-00"
+    )

@@ -95,17 +95,18 @@ def test_bad_peer_payloads_are_excluded_without_a_crash(tmp_path, corrupt, caplo
     trainer = Trainer(
         make_config(*DEMO, "workers.count=3", "train.steps=3"), tmp_path, synthetic_corpus()
     )
-    gather = trainer.comm.all_gather
+    gather = trainer.comm.all_gather_parts
 
-    def hostile_gather(rows, nbytes=None):
-        rows = gather(rows, nbytes).clone()
-        if rows.dtype == torch.int64 and corrupt == "index_out_of_range":
-            rows[1] = 10**6
-        elif rows.is_floating_point() and corrupt == "nan_values":
-            rows[1] = float("nan")
-        return rows
+    def hostile_gather(parts, nbytes=None):
+        out = [rows.clone() for rows in gather(parts, nbytes)]
+        for rows in out:
+            if rows.dtype == torch.int64 and corrupt == "index_out_of_range":
+                rows[1] = 10**6
+            elif rows.is_floating_point() and corrupt == "nan_values":
+                rows[1] = float("nan")
+        return out
 
-    trainer.comm.all_gather = hostile_gather
+    trainer.comm.all_gather_parts = hostile_gather
     trainer.fit()
     params = trainer.group.params
     assert torch.isfinite(params).all()

@@ -68,7 +68,7 @@ def launch(args: list[str], nproc: int = 0, timeout: float = 180, **kw) -> subpr
         prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
         prefix += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
         prefix += kw.pop("torchrun", [])
-        prefix += ["-m", "diloco.train", "comm.backend=torchdist"]
+        prefix += ["-m", "diloco.train", "comm=torchdist"]
     else:
         prefix = [sys.executable, "-m", "diloco.train"]
     return subprocess.Popen(

@@ -10,7 +10,7 @@ exchange is injected, so the same code runs simulated and distributed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -31,8 +31,9 @@ class Exchange(Protocol):
         ...
 
 
-Gather = Callable[[torch.Tensor], torch.Tensor]
-"""All-gathers rows ``[K_local, ...]`` into ``[K, ...]`` in global worker order (bytes counted)."""
+Gather = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+"""All-gathers tensors ``[K_local, ...]`` into ``[K, ...]`` each, in global worker order, as
+one collective (bytes counted)."""
 
 
 class Algorithm(Protocol):

@@ -42,14 +42,14 @@ class DeMoSync(AlgorithmBase):
             raise ConfigError("optimizer", "algorithm=demo needs optimizer=demo (demo_optim.DeMo)")
 
     def step_optimizers(self, group: WorkerGroup, gather: Gather, lr_mult: float) -> None:
-        """Encode on every worker, all-gather each payload tensor, check it, apply once.
+        """Encode on every worker, all-gather the payloads (one collective), check, apply once.
 
         Every worker would apply the same aggregate to the same parameters, so worker 0
         applies it and its row is copied to the others (one decode instead of K).
         """
         group.set_lr(lr_mult)
         payloads = [opt.encode() for opt in group.optimizers]  # type: ignore[attr-defined]
-        gathered = [gather(torch.stack(parts)) for parts in zip(*payloads, strict=True)]
+        gathered = gather([torch.stack(parts) for parts in zip(*payloads, strict=True)])
         bounds = group.optimizers[0].index_bounds()  # type: ignore[attr-defined]
         bad = self.bad_senders(gathered, payloads[0], bounds)
         if bad.any():
