@@ -71,8 +71,9 @@ class WorkersConfig:
 class SyncConfig:
     """How many inner steps each worker runs per round (see :mod:`diloco.sync`)."""
 
-    policy: Literal["all", "deadline"] = "all"
+    policy: Literal["all", "deadline", "async"] = "all"
     budget: float = field(default=1.0, metadata={"gt": 0.0})
+    staleness_exponent: float = field(default=0.5, metadata=_ge(0.0))  # async: a in w(s)
 
 
 @dataclass

@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
-from diloco import checkpoint
+from diloco import asynchronous, checkpoint
 from diloco import metrics as M
 from diloco.adversary.poison import PoisonedSampler
 from diloco.adversary.validator import Gauntlet
 from diloco.algorithms import Algorithm, DiLoCo
+from diloco.asynchronous import AsyncSchedule
 from diloco.clock import SimClock
 from diloco.comm import make_comm
 from diloco.comm.pipeline import ExchangePipeline
@@ -133,6 +134,16 @@ class Trainer:
             cfg.workers.step_time_s,
             self.profiles,
         )
+        self.schedule: AsyncSchedule | None = None  # sync=async: who pushes next
+        if cfg.sync.policy == "async":
+            asynchronous.check(cfg, self.algorithm, self.comm.world_size)
+            assert cfg.workers.step_time_s is not None
+            self.schedule = AsyncSchedule(
+                self.algorithm.inner_steps,
+                cfg.workers.step_time_s,
+                self.profiles.speeds,
+                cfg.sync.staleness_exponent,
+            )
         self.last_eval: float = float("nan")
         self.ckpt_path = checkpoint.path_for(self.run_dir, self.comm.rank, self.comm.world_size)
         self._start = time.perf_counter()
@@ -267,6 +278,8 @@ class Trainer:
         logger = logger or M.MultiLogger([])
         h = self.algorithm.inner_steps
         self._start = time.perf_counter() - self.wall_s
+        if self.schedule is not None:
+            asynchronous.fit_async(self, logger)
         while self.step < tc.steps:
             n = min(h, tc.steps - self.step)
             now = self.faults.at(self.round)
@@ -292,10 +305,12 @@ class Trainer:
             self.last_eval = self.evaluate()
         return self.summary()
 
-    def _end_round(self, row: dict[str, float], n: int, logger: M.Logger) -> None:
-        """After a sync: comm metrics, eval when due, log, checkpoint when due."""
+    def _end_round(
+        self, row: dict[str, float], n: int, logger: M.Logger, last: bool | None = None
+    ) -> None:
+        """After a sync (``n`` reference steps long): metrics, eval, log, checkpoint when due."""
         tc = self.cfg.train
-        last = self.step >= tc.steps
+        last = self.step >= tc.steps if last is None else last
         self.wall_s = time.perf_counter() - self._start
         overlap = self.algorithm.overlap_steps
         self.clock.exchange(self.comm.drain(), self.comm.num_workers, overlap)
@@ -353,6 +368,7 @@ class Trainer:
             "exchange": self.exchange.state_dict(),
             "samplers": [s.state_dict() for s in self.samplers],
             "rng": checkpoint.rng_state(),
+            **({"schedule": self.schedule.state_dict()} if self.schedule else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -377,6 +393,8 @@ class Trainer:
         for sampler, s in zip(self.samplers, state["samplers"], strict=True):
             sampler.load_state_dict(s)
         checkpoint.set_rng_state(state["rng"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
 
     def maybe_resume(self) -> bool:
         """Load the run dir's checkpoint if there is one; True when resumed.

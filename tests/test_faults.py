@@ -62,3 +62,12 @@ def test_crashed_worker_is_left_out_then_rejoins_from_the_global_model(tmp_path)
 def test_faults_need_local_rounds(tmp_path):
     with pytest.raises(ConfigError, match="faults"):
         Trainer(make_config(*TINY, "algorithm=ddp", "faults=churn"), tmp_path, synthetic_corpus())
+
+
+def test_churn_worker_preset_selects_the_churn_faults(tmp_path):
+    cfg = make_config(*TINY, "workers=churn", "workers.count=4", "algorithm.inner_steps=2",
+                      "train.steps=40")  # fmt: skip
+    assert cfg.faults.rate == 0.1 and cfg.workers.profile == "homogeneous"
+    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer.fit()
+    assert trainer.worker_steps.min() < 40  # someone left for a while
