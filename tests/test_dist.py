@@ -158,6 +158,24 @@ def test_uneven_placement_with_codec_attack_aggregator_and_validator(corpus, tmp
     )
 
 
+def test_deadline_faults_and_malformed_payloads_match_simulation(corpus, tmp_path):
+    extra = (
+        "workers.count=4",
+        "algorithm.inner_steps=4",
+        "sync=deadline",
+        "workers=straggler",
+        "workers.step_time_s=0.1",
+        "faults=crash_rejoin",
+        "attack=malformed",
+        "attack.num_byzantine=1",
+        "aggregator=trimmed_mean",
+        "codec=int4",
+    )
+    run(tiny(tmp_path / "sim", corpus, *extra))
+    run(tiny(tmp_path / "dist", corpus, *extra), nproc=2)
+    assert_same(tmp_path / "sim", tmp_path / "dist")
+
+
 def test_killed_rank_restarts_from_checkpoint_and_ends_equal(corpus, tmp_path):
     extra = ("workers.count=2", "algorithm.inner_steps=2", "train.steps=400", "checkpoint.every=1")
     full, killed = tmp_path / "full", tmp_path / "killed"
