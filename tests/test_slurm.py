@@ -1,0 +1,199 @@
+"""Slurm launch paths on a local two-node cluster (the ``slurm_cluster`` fixture).
+
+- a plain two-node job (srun on both nodes);
+- slurm/train.sbatch's rendezvous: torchrun on both nodes, a gloo all-reduce in between;
+- slurm/train.sbatch training with ``comm=torchdist`` across the two nodes, and a
+  requeued job resuming from its checkpoint;
+- ``-m hydra/launcher=slurm``: a sweep submitted as a job array (submitit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, free_port
+
+pytestmark = pytest.mark.slurm
+
+# Inherited by the jobs (sbatch --export=ALL): offline, one thread, gloo on loopback.
+JOB_ENV = {
+    "WANDB_MODE": "disabled",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "GLOO_SOCKET_IFNAME": "lo",
+    "PYTHON": sys.executable,
+    "MAX_RESTARTS": "0",
+}
+# Seconds-long training, as tests/test_cli.py runs it.
+TINY_TRAIN = (
+    "model=mlp",
+    "data.seq_len=16",
+    "train.steps=20",
+    "train.batch_size=4",
+    "train.eval_every=10",
+    "train.eval_sequences=8",
+    "train.warmup_steps=2",
+    "train.log_every=5",
+    "algorithm.inner_steps=5",
+    "logger.mode=disabled",
+    "logger.progress=false",
+)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
+
+
+def _submit_template(cluster, tmp_path: Path, *overrides: str, **env: str) -> tuple[str, Path]:
+    """sbatch slurm/train.sbatch from the repo root, as a user would; returns (state, log)."""
+    log = tmp_path / "job.out"
+    job = cluster.sbatch(
+        REPO / "slurm" / "train.sbatch",
+        *overrides,
+        options=["--time=5", f"--output={log}"],
+        env={**JOB_ENV, "RDZV_PORT": str(free_port()), **env},
+        cwd=REPO,
+    )
+    return cluster.wait(job, timeout=300), log
+
+
+def test_two_node_job_runs_a_task_per_node(slurm_cluster, tmp_path):
+    script = tmp_path / "nodes.sh"
+    script.write_text("#!/bin/bash\nsrun bash -c 'echo $SLURM_NODEID $SLURMD_NODENAME'\n")
+    log = tmp_path / "nodes.out"
+    job = slurm_cluster.sbatch(
+        script, options=["--nodes=2", "--ntasks-per-node=1", "--time=1", f"--output={log}"]
+    )
+    state = slurm_cluster.wait(job, timeout=60)
+    assert state == "COMPLETED", _read(log) + slurm_cluster.log_tail()
+    assert sorted(_read(log).split("\n")[:-1]) == ["0 n1", "1 n2"]
+
+
+def test_train_sbatch_rendezvous_all_reduce(slurm_cluster, tmp_path):
+    """The template's torchrun line, with a gloo all-reduce standing in for the trainer.
+
+    2 nodes x 2 processes from a site file named by SITE_ENV. RDZV_HOST is left unset: the
+    template looks up the first node's NodeAddr (127.0.0.1).
+    """
+    run_dir, site = tmp_path / "run", tmp_path / "site.env"
+    site.write_text(f"PYTHON={sys.executable}\nNPROC_PER_NODE=2\n")
+    state, log = _submit_template(
+        slurm_cluster,
+        tmp_path,
+        "seed=3",
+        SITE_ENV=str(site),
+        RUN_DIR=str(run_dir),
+        TRAIN_MODULE="tests.slurm_allreduce",
+    )
+    assert state == "COMPLETED", _read(log) + slurm_cluster.log_tail()
+    assert "rendezvous 127.0.0.1:" in _read(log) and "2 x 2 processes" in _read(log)
+    records = [json.loads(p.read_text()) for p in sorted(run_dir.glob("allreduce-*.json"))]
+    assert [r["rank"] for r in records] == [0, 1, 2, 3], _read(log)
+    for r in records:
+        assert r["world_size"] == 4 and r["sum"] == 1 + 2 + 3 + 4
+        assert r["argv"] == [
+            "comm=torchdist",
+            "resume=true",
+            f"hydra.run.dir={run_dir}",
+            "seed=3",
+        ]
+    assert sorted(r["env"]["GROUP_RANK"] for r in records) == ["0", "0", "1", "1"]
+    assert sorted(r["env"]["SLURM_NODEID"] for r in records) == ["0", "0", "1", "1"]
+
+
+def test_train_sbatch_trains_across_two_nodes(slurm_cluster, tmp_path):
+    """slurm/train.sbatch end to end: 2 nodes x 1 process, comm=torchdist."""
+    run_dir = tmp_path / "run"
+    state, log = _submit_template(
+        slurm_cluster,
+        tmp_path,
+        *TINY_TRAIN,
+        "workers.count=2",
+        RDZV_HOST="127.0.0.1",
+        NPROC_PER_NODE="1",
+        RUN_DIR=str(run_dir),
+    )
+    assert state == "COMPLETED", _read(log)[-5000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert math.isfinite(summary["final_eval_loss"]), summary
+    assert summary["workers"] == 2
+    # the same config simulated in one process gives the same model
+    sim = tmp_path / "sim"
+    out = subprocess.run(
+        [sys.executable, "-m", "diloco.train", *TINY_TRAIN, "workers.count=2",
+         f"hydra.run.dir={sim}"],
+        cwd=REPO, env={**os.environ, **JOB_ENV}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = json.loads((sim / "summary.json").read_text())["final_eval_loss"]
+    assert summary["final_eval_loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_train_sbatch_requeued_job_resumes_in_its_run_dir(slurm_cluster, tmp_path):
+    """A job requeued mid-run (node failure, preemption) restarts with the same job id and
+    run dir and resumes from the checkpoint (resume=true), appending to its log."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    overrides = [o for o in TINY_TRAIN if not o.startswith("train.steps=")]
+    job = slurm_cluster.sbatch(
+        REPO / "slurm" / "train.sbatch",
+        *overrides,
+        "train.steps=1500",
+        "checkpoint.every=2",
+        "workers.count=2",
+        options=["--time=5", f"--output={log}"],
+        env={**JOB_ENV, "RDZV_HOST": "127.0.0.1", "RDZV_PORT": str(free_port()),
+             "RUN_DIR": str(run_dir)},
+        cwd=REPO,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(run_dir.glob("checkpoint*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(run_dir.glob("checkpoint*.pt")), _read(log)[-5000:]
+    slurm_cluster.run("scontrol", "requeue", job)
+    state = slurm_cluster.wait(job, timeout=300)
+    text = _read(log)
+    assert state == "COMPLETED", text[-5000:]
+    assert f"job {job} (restart 0)" in text and f"job {job} (restart 1)" in text
+    assert "resumed from" in text.split("(restart 1)")[1], text[-5000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 1500 and math.isfinite(summary["final_eval_loss"]), summary
+
+
+def test_hydra_slurm_launcher_submits_a_job_array(slurm_cluster, tmp_path):
+    """``-m hydra/launcher=slurm seed=0,1``: two jobs of an array, each a full run."""
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diloco.train",
+            "-m",
+            "hydra/launcher=slurm",
+            "seed=0,1",
+            f"hydra.sweep.dir={sweep}",
+            "hydra.launcher.timeout_min=5",
+            "hydra.launcher.cpus_per_task=1",
+            *TINY_TRAIN,
+        ],
+        cwd=REPO,
+        env={**slurm_cluster.env, **JOB_ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    logs = "\n".join(_read(p) for p in sorted(sweep.glob(".submitit/*/*.out")))
+    assert out.returncode == 0, out.stderr[-5000:] + logs[-5000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 2, logs[-5000:]
+    assert all(math.isfinite(s["final_eval_loss"]) for s in summaries)
+    tasks = sorted(p.name for p in sweep.glob(".submitit/[0-9]*_[0-9]*"))  # <array>_<task>
+    assert len(tasks) == 2 and tasks[0].split("_")[0] == tasks[1].split("_")[0], tasks
