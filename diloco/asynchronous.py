@@ -146,6 +146,7 @@ def fit_async(trainer: Trainer, logger: M.Logger) -> None:
         t.round += 1
         last = sched.finish[sched.next_worker()] > end_s + 1e-9
         t.step = cfg.train.steps if last else min(cfg.train.steps, math.floor(now / sched.step_s))
+        t.step = max(t.step, ref)
         row = t._train_row(stats)
         row.update({STALENESS: float(staleness), WEIGHT: w})
         t._end_round(row, t.step - ref, logger, last)

@@ -35,6 +35,8 @@ def save(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None
     separately can then fall back to a step that all of them reached).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
     with tmp.open("wb") as f:
         torch.save(state, f)
         f.flush()
@@ -61,26 +63,32 @@ class Reducer(Protocol):
 
 
 def load_agreed(path: Path, comm: Reducer) -> dict[str, Any] | None:
-    """This rank's checkpoint at the latest step every rank saved (None: nobody has one).
+    """This rank's checkpoint at the latest step every rank saved (None: start from scratch).
 
     Each rank has ``path`` and maybe its :func:`previous`. A rank killed between two ranks'
-    saves leaves the ranks one checkpoint apart; they then all load the older step. Ranks
-    with no step in common raise a one-line error.
+    saves leaves the ranks one checkpoint apart; they then all load the older step, and a
+    rank that falls back drops its newer file so that its next save keeps the right
+    previous one. Ranks that never all saved the same step start from scratch.
     """
-    found = {s["step"]: s for s in (load(p) for p in (path, previous(path)) if p.exists())}
+    found: dict[int, tuple[Path, dict[str, Any]]] = {}
+    for p in (previous(path), path):  # the newest file wins a tie
+        if p.exists():
+            state = load(p)
+            found[state["step"]] = (p, state)
     if comm.world_size == 1:
-        return max(found.items())[1] if found else None
+        return found[max(found)][1] if found else None
     table = torch.zeros(comm.world_size, 2, dtype=torch.float64)  # step + 1; 0: none
-    for j, step in enumerate(sorted(found, reverse=True)):
+    for j, step in enumerate(sorted(found, reverse=True)[:2]):
         table[comm.rank, j] = step + 1
     table = comm.all_reduce_sum(table)  # each rank filled its own row
     have = [{int(v) - 1 for v in row.tolist() if v > 0} for row in table]
-    if not any(have):
-        return None
     common = set.intersection(*have)
     if not common:
-        raise RuntimeError(f"resume: the ranks' checkpoints have no step in common: {have}")
-    return found[max(common)]
+        return None
+    file, state = found[max(common)]
+    if file != path:  # fell back: the newer file is not part of the run any more
+        os.replace(file, path)
+    return state
 
 
 def rng_state() -> dict[str, Any]:

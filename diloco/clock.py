@@ -49,18 +49,24 @@ class SimClock:
         self._step_s = 0.0
 
     def compute(
-        self, steps: Sequence[int], measured_s: float, speeds: Sequence[float] | None = None
+        self,
+        steps: Sequence[int],
+        measured_s: float,
+        speeds: Sequence[float] | None = None,
+        measured_steps: int | None = None,
     ) -> None:
         """Add a round's compute: the longest ``steps_i / speed_i`` in reference steps.
 
         The reference step time is ``workers.step_time_s``, or the measured time per
-        worker-step of this round.
+        worker-step of this round (``measured_steps`` worker-steps took ``measured_s``;
+        default: every worker's steps, as when all run in this process).
         """
         speeds = speeds or self.speeds or (1.0,) * len(steps)
         ran = [(n, v) for n, v in zip(steps, speeds, strict=True) if n]
         if not ran:
             return
-        per_step = self.step_time_s or measured_s / sum(n for n, _ in ran)
+        worker_steps = measured_steps or sum(n for n, _ in ran)
+        per_step = self.step_time_s or measured_s / worker_steps
         compute_s = max(n / v for n, v in ran) * per_step
         self._step_s = compute_s / max(steps)
         for key in self.sim_s:

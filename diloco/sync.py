@@ -19,4 +19,6 @@ def steps_per_worker(policy: str, h: int, speeds: Sequence[float], budget: float
     """Inner steps each worker runs in a round of (at most) ``h`` steps."""
     if policy == "all":
         return [h] * len(speeds)
+    if policy != "deadline":
+        raise ValueError(f"sync={policy} has no rounds of fixed length")
     return [min(h, math.floor(budget * h * s + 1e-9)) for s in speeds]

@@ -24,7 +24,7 @@ from diloco import metrics as M
 from diloco.comm.torchdist import CommError
 from diloco.config import ConfigError, parse
 from diloco.data import DataError
-from diloco.trainer import Trainer
+from diloco.trainer import Trainer, parse_device
 
 log = logging.getLogger("diloco")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -69,7 +69,7 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
     if cfg.comm.backend == "torchdist":
         from diloco.comm.torchdist import init_from_env, shared_path
 
-        init_from_env(torch.device(cfg.device), cfg.comm.dist_backend, cfg.comm.timeout_s)
+        init_from_env(parse_device(cfg.device), cfg.comm.dist_backend, cfg.comm.timeout_s)
         run_dir = shared_path(run_dir)
     try:
         trainer = Trainer(cfg, run_dir)

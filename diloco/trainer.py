@@ -27,11 +27,13 @@ from typing import Any
 
 import torch
 
+from demo_optim import DeMo
 from diloco import asynchronous, checkpoint
 from diloco import metrics as M
 from diloco.adversary.poison import PoisonedSampler
 from diloco.adversary.validator import Gauntlet
 from diloco.algorithms import Algorithm, DiLoCo
+from diloco.algorithms.demo import DeMoSync
 from diloco.asynchronous import AsyncSchedule
 from diloco.clock import SimClock
 from diloco.comm import make_comm
@@ -47,7 +49,8 @@ log = logging.getLogger(__name__)
 EVAL_BATCH = 32  # sequences per eval forward; the eval set does not depend on it
 
 
-def _device(name: str) -> torch.device:
+def parse_device(name: str) -> torch.device:
+    """``device=...`` as a torch device; a bad or unavailable one is a one-line error."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -69,7 +72,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus | None = None) -> None:
         self.cfg = cfg
-        self.device = _device(cfg.device)
+        self.device = parse_device(cfg.device)
         self.comm = make_comm(cfg, self.device)
         if self.comm.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -85,6 +88,9 @@ class Trainer:
         self.local_ids = self.comm.local_ids  # global ids of the workers this process hosts
         self.group = WorkerGroup(model, self.local_ids, build_optimizer(cfg.optimizer, "optimizer"))
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm", self.group)
+        for opt in self.group.optimizers:  # DeMo as a local inner optimizer: no exchange of
+            if isinstance(opt, DeMo) and not isinstance(self.algorithm, DeMoSync):  # its own
+                opt.gather_fn = lambda payload: [t.unsqueeze(0) for t in payload]
         self.faults = Faults(cfg.faults, cfg.workers.count, cfg.seed)
         uneven = cfg.sync.policy != "all" or cfg.faults.events or cfg.faults.rate
         if uneven and (self.algorithm.inner_steps < 2 or not self.algorithm.uses_exchange):
@@ -280,7 +286,7 @@ class Trainer:
         self._start = time.perf_counter() - self.wall_s
         if self.schedule is not None:
             asynchronous.fit_async(self, logger)
-        while self.step < tc.steps:
+        while self.schedule is None and self.step < tc.steps:
             n = min(h, tc.steps - self.step)
             now = self.faults.at(self.round)
             for w in now.crashed:  # a crash loses the worker's local optimizer state
@@ -297,7 +303,8 @@ class Trainer:
                 if i < n - 1 and self.step % tc.log_every == 0:
                     logger.log(self._train_row(stats), self.step)
             row = self._train_row(stats)
-            self.clock.compute(steps, time.perf_counter() - started, speeds)
+            here = sum(steps[i] for i in self.local_ids)  # worker-steps timed in this process
+            self.clock.compute(steps, time.perf_counter() - started, speeds, here)
             self.worker_steps += torch.tensor(steps)
             self._sync(steps)
             self._end_round(row, n, logger)
@@ -403,6 +410,13 @@ class Trainer:
         the latest step that all of them saved (a rank killed mid-save has the previous).
         """
         state = checkpoint.load_agreed(self.ckpt_path, self.comm)
+        moved = state is not None and state.get("local_ids", self.local_ids) != self.local_ids
+        if self.comm.all_reduce_sum(torch.tensor([float(moved)])).item() > 0:
+            raise ConfigError(  # on every rank, so that none waits for the others
+                "resume",
+                f"the checkpoints place the workers differently from this run's "
+                f"{self.comm.world_size} ranks: resume with the same workers.count and ranks",
+            )
         if state is None:
             log.info("resume: no checkpoint in %s, starting from scratch", self.run_dir)
             return False

@@ -109,6 +109,8 @@ class WorkerGroup:
                 _, loss = replica(*batch)
                 loss.backward()
                 losses.append(loss.detach())
+        if not losses:  # every worker here sits out this step (others elsewhere may run)
+            return torch.zeros(0, device=self.params.device)
         return torch.stack(losses)
 
     def clip_grads(self, max_norm: float) -> torch.Tensor:

@@ -69,6 +69,16 @@ def _spy(trainer: Trainer, seen: list) -> object:
     return spied
 
 
+def test_a_run_shorter_than_one_cycle_serves_nobody_and_runs_no_round(tmp_path):
+    trainer = Trainer(
+        make_config(*FEDAVG, "sync=async", "train.steps=6"), tmp_path, synthetic_corpus()
+    )
+    summary = trainer.fit()
+    assert trainer.round == 0 and trainer.schedule.version == 0
+    assert trainer.worker_steps.tolist() == [0, 0, 0, 0]
+    assert summary["final_eval_loss"] == summary["final_eval_loss"]  # evaluated, not NaN
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     corpus = synthetic_corpus()
     common = (*FEDAVG, "sync=async", "workers=straggler")

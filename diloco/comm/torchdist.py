@@ -91,9 +91,25 @@ def init_from_env(device: torch.device, backend: str, timeout_s: float) -> None:
         )
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("comm.dist_backend=nccl", f"needs device=cuda, not {device}")
     if device.type == "cuda":  # one GPU per process on the node
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(seconds=timeout_s)
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent,
+        timeout=timeout,
+    )
+    # keys of a restarted attempt never meet a dead attempt's (stale peer addresses made
+    # gloo's connect fail or hang after torchrun restarts)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = dist.PrefixStore(f"diloco/attempt{attempt}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
     log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
 
 
@@ -142,8 +158,8 @@ class TorchDistComm(InProcessComm):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CommError(
                 f"comm: {what} (collective #{self.calls}) failed on rank {self.rank} of "
-                f"{self.world_size} within the {self.timeout_s:g} s timeout: a peer died or "
-                f"stalled ({first})"
+                f"{self.world_size}: a peer died, stalled past comm.timeout_s="
+                f"{self.timeout_s:g}, or the network failed ({first})"
             ) from err
 
     def _sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -173,7 +189,7 @@ class TorchDistComm(InProcessComm):
         rows = torch.cat([o[:c] for o, c in zip(out, counts, strict=True)])
         result, start = [], 0
         for p, w in zip(parts, widths, strict=True):
-            chunk = rows[:, start : start + w].contiguous().view(p.dtype)
+            chunk = rows[:, start : start + w].clone().view(p.dtype)  # aligned for any dtype
             result.append(chunk.reshape(self.num_workers, *p.shape[1:]))
             start += w
         return result
