@@ -70,16 +70,34 @@ def stragglers(sweep: Path) -> list[str]:
     return lines
 
 
+def validator(sweep: Path, skip: int = 5) -> list[str]:
+    """Markdown: the validator's detection per attack, over all rounds and after ``skip``."""
+    lines = [f"| attack | precision | recall | recall from round {skip} | final eval loss |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for summary in sorted(sweep.rglob("summary.json")):
+        attack = _overrides(summary.parent)["attack"]
+        s = json.loads(summary.read_text())
+        rows = [r for r in load_metrics(summary.parent) if "adversary/detect_recall" in r]
+        late = [r["adversary/detect_recall"] for r in rows[skip:]]
+        recall = f"{sum(late) / len(late):.2f}" if late and attack != "none" else ""
+        cells = [f"{s['detect_precision']:.2f}", f"{s['detect_recall']:.2f}", recall]
+        lines.append(f"| {attack} | " + " | ".join(cells) + f" | {s['final_eval_loss']:.4f} |")
+    return lines
+
+
 def main() -> None:
     """Print and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir")
     parser.add_argument("--stragglers", default=None)
+    parser.add_argument("--validator", default=None, help="a gauntlet-only sweep (longer run)")
     parser.add_argument("--out", default="experiments/results/robustness.md")
     args = parser.parse_args()
     lines = robustness(Path(args.sweep_dir))
     if args.stragglers:
         lines += ["", *stragglers(Path(args.stragglers))]
+    if args.validator:
+        lines += ["", "Validator over a longer run:", "", *validator(Path(args.validator))]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
