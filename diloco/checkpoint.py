@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,13 @@ FILENAME = "checkpoint.pt"
 def path_for(run_dir: Path, rank: int, world_size: int) -> Path:
     """``checkpoint.pt`` for one process; ``checkpoint-rank<r>.pt`` per rank when distributed."""
     return run_dir / (FILENAME if world_size == 1 else f"checkpoint-rank{rank}.pt")
+
+
+def ranks_written(run_dir: Path) -> set[int]:
+    """Ranks with a checkpoint in ``run_dir`` (-1 for a single-process ``checkpoint.pt``)."""
+    found = (re.fullmatch(r"checkpoint-rank(\d+)\.pt", p.name) for p in run_dir.iterdir())
+    ranks = {int(m[1]) for m in found if m}
+    return ranks | ({-1} if (run_dir / FILENAME).exists() else set())
 
 
 def previous(path: Path) -> Path:

@@ -409,6 +409,13 @@ class Trainer:
         Distributed, every rank has its own file and the previous one; the ranks agree on
         the latest step that all of them saved (a rank killed mid-save has the previous).
         """
+        world = self.comm.world_size
+        written = checkpoint.ranks_written(self.run_dir)  # the run dir is shared by all ranks
+        if written and (max(written) >= world or (world > 1) == (-1 in written)):
+            by = "one process" if written == {-1} else f"{max(written) + 1} ranks"
+            raise ConfigError(
+                "resume", f"{self.run_dir} holds checkpoints written by {by}; this run has {world}"
+            )
         state = checkpoint.load_agreed(self.ckpt_path, self.comm)
         moved = state is not None and state.get("local_ids", self.local_ids) != self.local_ids
         if self.comm.all_reduce_sum(torch.tensor([float(moved)])).item() > 0:

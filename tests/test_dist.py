@@ -349,3 +349,15 @@ def test_a_save_removes_temporary_files_left_by_a_killed_process(tmp_path):
     (tmp_path / ".checkpoint-rank0.pt.12345.tmp").write_bytes(b"torn")
     checkpoint.save({"step": 1}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-rank0.pt"]
+
+
+def test_resuming_with_another_number_of_ranks_is_a_one_line_error(tmp_path):
+    from diloco import checkpoint
+    from diloco.trainer import Trainer
+    from tests.helpers import TINY, make_config, synthetic_corpus
+
+    for r in (0, 1):
+        checkpoint.save({"step": 4}, tmp_path / f"checkpoint-rank{r}.pt")
+    trainer = Trainer(make_config(*TINY, "resume=true"), tmp_path, synthetic_corpus())
+    with pytest.raises(ConfigError, match="written by 2 ranks; this run has 1"):
+        trainer.maybe_resume()
