@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from diloco.config import ConfigError
+
 FILENAME = "checkpoint.pt"
 
 
@@ -96,6 +98,32 @@ def load_agreed(path: Path, comm: Reducer) -> dict[str, Any] | None:
     file, state = found[max(common)]
     if file != path:  # fell back: the newer file is not part of the run any more
         os.replace(file, path)
+    return state
+
+
+def resume_state(
+    run_dir: Path, path: Path, comm: Reducer, local_ids: list[int]
+) -> dict[str, Any] | None:
+    """:func:`load_agreed`, after checking that the checkpoints fit this run's placement.
+
+    Checkpoints written by another number of processes, or holding other workers on a
+    rank, are a one-line error on every rank (so that none waits for the others).
+    """
+    world = comm.world_size
+    written = ranks_written(run_dir)  # the run dir is shared by all ranks
+    if written and (max(written) >= world or (world > 1) == (-1 in written)):
+        by = "one process" if written == {-1} else f"{max(written) + 1} ranks"
+        raise ConfigError(
+            "resume", f"{run_dir} holds checkpoints written by {by}; this run has {world}"
+        )
+    state = load_agreed(path, comm)
+    moved = state is not None and state.get("local_ids", local_ids) != local_ids
+    if comm.all_reduce_sum(torch.tensor([float(moved)])).item() > 0:
+        raise ConfigError(
+            "resume",
+            f"the checkpoints place the workers differently from this run's {world} ranks: "
+            "resume with the same workers.count and ranks",
+        )
     return state
 
 

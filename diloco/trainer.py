@@ -409,21 +409,7 @@ class Trainer:
         Distributed, every rank has its own file and the previous one; the ranks agree on
         the latest step that all of them saved (a rank killed mid-save has the previous).
         """
-        world = self.comm.world_size
-        written = checkpoint.ranks_written(self.run_dir)  # the run dir is shared by all ranks
-        if written and (max(written) >= world or (world > 1) == (-1 in written)):
-            by = "one process" if written == {-1} else f"{max(written) + 1} ranks"
-            raise ConfigError(
-                "resume", f"{self.run_dir} holds checkpoints written by {by}; this run has {world}"
-            )
-        state = checkpoint.load_agreed(self.ckpt_path, self.comm)
-        moved = state is not None and state.get("local_ids", self.local_ids) != self.local_ids
-        if self.comm.all_reduce_sum(torch.tensor([float(moved)])).item() > 0:
-            raise ConfigError(  # on every rank, so that none waits for the others
-                "resume",
-                f"the checkpoints place the workers differently from this run's "
-                f"{self.comm.world_size} ranks: resume with the same workers.count and ranks",
-            )
+        state = checkpoint.resume_state(self.run_dir, self.ckpt_path, self.comm, self.local_ids)
         if state is None:
             log.info("resume: no checkpoint in %s, starting from scratch", self.run_dir)
             return False
