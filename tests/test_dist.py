@@ -361,3 +361,31 @@ def test_resuming_with_another_number_of_ranks_is_a_one_line_error(tmp_path):
     trainer = Trainer(make_config(*TINY, "resume=true"), tmp_path, synthetic_corpus())
     with pytest.raises(ConfigError, match="written by 2 ranks; this run has 1"):
         trainer.maybe_resume()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_packed_gather_round_trips_every_dtype_at_any_offset(k, tmp_path):
+    """One rank hosting K workers: parts of mixed dtypes come back bit for bit."""
+    import torch.distributed as dist
+
+    from diloco.comm.torchdist import TorchDistComm
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        comm = TorchDistComm(k)
+        parts = [
+            torch.tensor([[1], [-2]], dtype=torch.int8),  # 1 byte: the next part is unaligned
+            torch.tensor([[1.5, -2.25], [3.0, 1e300]], dtype=torch.float64),
+            torch.tensor([[True, False, True], [False, False, True]]),
+            torch.tensor([[7, 2**40], [-1, 0]], dtype=torch.int64),
+            torch.tensor([[0.5], [-4.0]], dtype=torch.bfloat16),
+            torch.zeros(2, 0, dtype=torch.float32),
+        ]
+        parts = [p[:k] for p in parts]
+        out = comm.all_gather_parts(parts, nbytes=10)
+        for a, b in zip(parts, out, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert comm.sent.tolist() == [10.0 * (k - 1)] * k  # ring all-gather: (n-1) d each
+    finally:
+        dist.destroy_process_group()

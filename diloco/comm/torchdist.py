@@ -189,7 +189,7 @@ class TorchDistComm(InProcessComm):
         rows = torch.cat([o[:c] for o, c in zip(out, counts, strict=True)])
         result, start = [], 0
         for p, w in zip(parts, widths, strict=True):
-            chunk = rows[:, start : start + w].clone().view(p.dtype)  # aligned for any dtype
-            result.append(chunk.reshape(self.num_workers, *p.shape[1:]))
+            flat = rows[:, start : start + w].reshape(-1).clone()  # aligned, for any dtype
+            result.append(flat.view(p.dtype).reshape(self.num_workers, *p.shape[1:]))
             start += w
         return result
