@@ -116,7 +116,6 @@ def fit_async(trainer: Trainer, logger: M.Logger) -> None:
     sched = t.schedule
     assert sched is not None and isinstance(t.algorithm, DiLoCo)
     end_s = cfg.train.steps * sched.step_s
-    links = t.profiles.bandwidth_factors
     model_bytes = 4 * t.group.num_params
     while sched.finish[i := sched.next_worker()] <= end_s + 1e-9:
         ref = t.step  # reference steps of modelled time so far
@@ -138,11 +137,9 @@ def fit_async(trainer: Trainer, logger: M.Logger) -> None:
         t.group.params[i].copy_(glob.data)
         t.comm.sent[i] += nbytes
         t.comm.recv[i] += model_bytes
-        bits_per_s = cfg.comm.bandwidth_mbps * 1e6 * links[i]
-        comm_s = (nbytes + model_bytes) * 8 / bits_per_s + 2 * cfg.comm.latency_ms / 1e3
+        comm_s = t.clock.push_pull(i, nbytes, model_bytes)
         now = sched.served(i, comm_s)
-        t.clock.sim_s[""] = now
-        t.clock.comm_s[""] += comm_s
+        t.clock.advance_to(now, comm_s)
         t.round += 1
         last = sched.finish[sched.next_worker()] > end_s + 1e-9
         t.step = cfg.train.steps if last else min(cfg.train.steps, math.floor(now / sched.step_s))

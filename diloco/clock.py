@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from diloco.comm.topology import NetworkModel, Topology
 from diloco.profiles import Profiles
 
@@ -41,6 +43,7 @@ class SimClock:
             links = [bw * f for f in factors]
             return NetworkModel(links, links, latency_ms)
 
+        self.k = len(factors)
         self.networks = {"": network(bandwidth_mbps)}
         for bw in what_if_mbps:
             self.networks[f"@{bw:g}mbps"] = network(bw)
@@ -81,6 +84,22 @@ class SimClock:
             comm_s = sum(network.time(topology, n, d) for topology, d in collectives)
             self.comm_s[key] += comm_s
             self.sim_s[key] += max(0.0, comm_s - hidden)
+
+    def push_pull(self, worker: int, up_bytes: float, down_bytes: float) -> float:
+        """Seconds for ``worker`` to upload, then download, on its own link (async pushes)."""
+        net = self.networks[""]
+        up = torch.zeros(self.k, dtype=torch.float64)
+        up[worker] = up_bytes
+        down = torch.zeros_like(up)
+        down[worker] = down_bytes
+        zero = torch.zeros_like(up)
+        return net.transfer_time(up, zero, 1) + net.transfer_time(zero, down, 1)
+
+    def advance_to(self, sim_s: float, comm_s: float) -> None:
+        """Set the modelled time to ``sim_s`` (events of async sync), adding ``comm_s``."""
+        for key in self.sim_s:
+            self.sim_s[key] = sim_s
+            self.comm_s[key] += comm_s
 
     def metrics(self) -> dict[str, float]:
         """``time/sim_s``, ``time/comm_s`` and their what-if variants."""

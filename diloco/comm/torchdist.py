@@ -118,7 +118,7 @@ def shared_path(path: Path) -> Path:
 
     Sent as bytes in two broadcasts, so nothing is unpickled.
     """
-    device = torch.device("cuda", torch.cuda.current_device()) if _nccl() else None
+    device = _collective_device()
     data = torch.tensor(list(str(path).encode()), dtype=torch.uint8, device=device)
     size = torch.tensor([data.numel()], dtype=torch.long, device=device)
     dist.broadcast(size, 0)
@@ -127,8 +127,11 @@ def shared_path(path: Path) -> Path:
     return Path(bytes(buf.cpu().tolist()).decode())
 
 
-def _nccl() -> bool:
-    return dist.get_backend() == "nccl"
+def _collective_device() -> torch.device | None:
+    """Where small collective tensors must live: this GPU under NCCL, else anywhere (CPU)."""
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
 
 
 class TorchDistComm(InProcessComm):
@@ -148,7 +151,7 @@ class TorchDistComm(InProcessComm):
         self.local_ids = self.placement.workers_of(self.rank)
         self.timeout_s = timeout_s
         self.calls = 0
-        self.device = torch.device("cuda", torch.cuda.current_device()) if _nccl() else None
+        self.device = _collective_device()
 
     def _run(self, what: str, fn: object) -> None:
         self.calls += 1
