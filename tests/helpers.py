@@ -40,6 +40,9 @@ def synthetic_corpus(seq_len: int = 16, n_train: int = 256, n_eval: int = 16) ->
     )
 
 
+# what every run a test starts gets: no W&B, no HF hub
+OFFLINE = {"WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
 TINY = (
     "model=mlp",
     "data.seq_len=16",

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import OFFLINE, REPO
 
-ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+ENV = {**os.environ, **OFFLINE}
 QUIET = ("logger.mode=disabled", "logger.progress=false")
 
 

@@ -18,17 +18,11 @@ import torch
 
 from diloco.comm.torchdist import Placement
 from diloco.config import ConfigError
-from tests.helpers import REPO, free_port
+from tests.helpers import OFFLINE, REPO, free_port
 
 pytestmark = pytest.mark.dist
 
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "disabled",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
 
 
 def tiny(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
@@ -114,6 +108,13 @@ def assert_same(a: Path, b: Path) -> None:
     assert sum_a["steps"] == sum_b["steps"]
 
 
+def sim_and_two_ranks(tmp_path: Path, corpus: Path, *extra: str) -> None:
+    """Run ``extra`` in one process and over 2 gloo ranks; assert the same model."""
+    run(tiny(tmp_path / "sim", corpus, *extra))
+    run(tiny(tmp_path / "dist", corpus, *extra), nproc=2)
+    assert_same(tmp_path / "sim", tmp_path / "dist")
+
+
 ALGORITHMS = {
     "diloco": ("algorithm=diloco", "algorithm.inner_steps=4"),
     "demo": ("algorithm=demo", "optimizer.compression_topk=4", "optimizer.compression_chunk=8"),
@@ -135,19 +136,11 @@ def test_simulated_equals_two_and_four_gloo_ranks(algorithm, corpus, tmp_path):
 
 def test_uneven_placement_with_codec_attack_aggregator_and_validator(corpus, tmp_path):
     """3 workers on 2 ranks; the whole exchange pipeline runs on the gathered rows."""
-    extra = (
-        "workers.count=3",
-        "algorithm.inner_steps=4",
-        "codec=topk",
-        "codec.error_feedback=true",
-        "attack=sign_flip",
-        "attack.num_byzantine=1",
-        "aggregator=median",
-        "validator=gauntlet",
-    )
-    run(tiny(tmp_path / "sim", corpus, *extra))
-    run(tiny(tmp_path / "dist", corpus, *extra), nproc=2)
-    assert_same(tmp_path / "sim", tmp_path / "dist")
+    sim_and_two_ranks(
+        tmp_path, corpus, "workers.count=3", "algorithm.inner_steps=4", "codec=topk",
+        "codec.error_feedback=true", "attack=sign_flip", "attack.num_byzantine=1",
+        "aggregator=median", "validator=gauntlet",
+    )  # fmt: skip
     ranks = [
         torch.load(tmp_path / "dist" / f"checkpoint-rank{r}.pt", weights_only=False) for r in (0, 1)
     ]
@@ -168,32 +161,23 @@ def test_uneven_placement_with_codec_attack_aggregator_and_validator(corpus, tmp
         ("workers.count=2", "sync=deadline", "workers=straggler", "workers.step_time_s=0.1"),
         # DeMo as each worker's local inner optimizer: no exchange of its own
         ("workers.count=3", "optimizer=demo", "optimizer.compression_chunk=8"),
-    ],
-    ids=["idle_rank", "demo_inner_optimizer"],
+        # deadline sync, stragglers, crash and rejoin, malformed payloads, int4
+        (
+            "workers.count=4",
+            "sync=deadline",
+            "workers=straggler",
+            "workers.step_time_s=0.1",
+            "faults=crash_rejoin",
+            "attack=malformed",
+            "attack.num_byzantine=1",
+            "aggregator=trimmed_mean",
+            "codec=int4",
+        ),
+    ],  # fmt: skip
+    ids=["idle_rank", "demo_inner_optimizer", "deadline_faults_malformed"],
 )
 def test_two_ranks_match_simulation(extra, corpus, tmp_path):
-    extra = ("algorithm.inner_steps=4", *extra)
-    run(tiny(tmp_path / "sim", corpus, *extra))
-    run(tiny(tmp_path / "dist", corpus, *extra), nproc=2)
-    assert_same(tmp_path / "sim", tmp_path / "dist")
-
-
-def test_deadline_faults_and_malformed_payloads_match_simulation(corpus, tmp_path):
-    extra = (
-        "workers.count=4",
-        "algorithm.inner_steps=4",
-        "sync=deadline",
-        "workers=straggler",
-        "workers.step_time_s=0.1",
-        "faults=crash_rejoin",
-        "attack=malformed",
-        "attack.num_byzantine=1",
-        "aggregator=trimmed_mean",
-        "codec=int4",
-    )
-    run(tiny(tmp_path / "sim", corpus, *extra))
-    run(tiny(tmp_path / "dist", corpus, *extra), nproc=2)
-    assert_same(tmp_path / "sim", tmp_path / "dist")
+    sim_and_two_ranks(tmp_path, corpus, "algorithm.inner_steps=4", *extra)
 
 
 def test_killed_rank_restarts_from_checkpoint_and_ends_equal(corpus, tmp_path):

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
+from tests.helpers import OFFLINE, REPO, free_port
 
 pytestmark = pytest.mark.slurm
 
 # Inherited by the jobs (sbatch --export=ALL): offline, one thread, gloo on loopback.
 JOB_ENV = {
-    "WANDB_MODE": "disabled",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_OFFLINE": "1",
+    **OFFLINE,
     "OMP_NUM_THREADS": "1",
     "GLOO_SOCKET_IFNAME": "lo",
     "PYTHON": sys.executable,
