@@ -43,6 +43,25 @@ def synthetic_corpus(seq_len: int = 16, n_train: int = 256, n_eval: int = 16) ->
 # what every run a test starts gets: no W&B, no HF hub
 OFFLINE = {"WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
+
+def text_run(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    """CLI overrides for a 1-layer GPT on a text-file corpus, quiet, in ``run_dir``.
+
+    ``extra`` sets the sizes (``data.seq_len``, ``model.n_embd``, ``train.batch_size``, ...).
+    """
+    return [
+        f"data.path={corpus}",
+        f"data.cache_dir={corpus.parent / 'cache'}",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "train.eval_sequences=8",
+        "logger.mode=disabled",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
 TINY = (
     "model=mlp",
     "data.seq_len=16",

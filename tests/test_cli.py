@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import OFFLINE, REPO
+from tests.helpers import OFFLINE, REPO, text_run
 
 ENV = {**os.environ, **OFFLINE}
 QUIET = ("logger.mode=disabled", "logger.progress=false")
@@ -42,20 +42,8 @@ def corpus_dir(tmp_path: Path) -> Path:
 
 
 def small_run(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.path={corpus_dir}",
-        f"data.cache_dir={corpus_dir.parent / 'cache'}",
-        "data.seq_len=32",
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "train.batch_size=4",
-        "train.eval_sequences=8",
-        "train.eval_every=40",
-        f"hydra.run.dir={run_dir}",
-        *QUIET,
-        *extra,
-    ]
+    sizes = ("data.seq_len=32", "model.n_embd=32", "train.batch_size=4", "train.eval_every=40")
+    return text_run(corpus_dir, run_dir, *sizes, *extra)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import torch
 
 from diloco.comm.torchdist import Placement
 from diloco.config import ConfigError
-from tests.helpers import OFFLINE, REPO, free_port
+from tests.helpers import OFFLINE, REPO, free_port, text_run
 
 pytestmark = pytest.mark.dist
 
@@ -27,24 +27,9 @@ ENV = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
 
 def tiny(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
     """A tiny GPT on a small text corpus, checkpointed at the end (its global model is read)."""
-    return [
-        f"data.path={corpus}",
-        f"data.cache_dir={corpus.parent / 'cache'}",
-        "data.seq_len=16",
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=16",
-        "train.batch_size=2",
-        "train.steps=24",
-        "train.eval_every=12",
-        "train.eval_sequences=8",
-        "train.warmup_steps=2",
-        "checkpoint.every=100",  # and at the last round
-        "logger.mode=disabled",
-        "logger.progress=false",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    sizes = ("data.seq_len=16", "model.n_embd=16", "train.batch_size=2", "train.steps=24",
+             "train.eval_every=12", "train.warmup_steps=2")  # fmt: skip
+    return text_run(corpus, run_dir, *sizes, "checkpoint.every=100", *extra)  # and the last round
 
 
 @pytest.fixture(scope="module")
