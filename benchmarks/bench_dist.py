@@ -5,7 +5,7 @@ each run's ``summary.json``:
 
 * ``inprocess``: ``python -m diloco.train`` (all K workers in one process);
 * ``torchdist{n}``: ``torchrun --standalone --nproc_per_node n -m diloco.train
-  comm.backend=torchdist`` for each ``n`` of ``--nprocs`` (K/n workers per rank, gloo);
+  comm=torchdist`` for each ``n`` of ``--nprocs`` (K/n workers per rank, gloo);
 
 and reports each run's training-loop time (``wall_time_s``: after start-up, before exit), the
 whole command's time, the final eval loss (equal up to fp32 summation order), and
@@ -65,7 +65,7 @@ def main() -> None:
         results["inprocess"] = run(train, Path(tmp) / "inprocess", args.threads)
         for n in args.nprocs:
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            torchrun += ["--nproc_per_node", str(n), "-m", "diloco.train", "comm.backend=torchdist"]
+            torchrun += ["--nproc_per_node", str(n), "-m", "diloco.train", "comm=torchdist"]
             threads = max(1, args.threads // n)
             results[f"torchdist{n}"] = run(
                 [*torchrun, *args.overrides], Path(tmp) / f"dist{n}", threads

@@ -19,6 +19,13 @@ push (the encoded payload) and pull (the fp32 model) at its link bandwidth, plus
 delay its next cycle. Equal finish times are served in worker-id order. The run lasts
 ``train.steps`` reference steps of modelled time, so fast workers run more steps than slow ones.
 
+In the trainer's one round loop a round is one push: :class:`Async` plans it (worker i runs
+H steps from its own step count, which drives its lr schedule), the exchange sends worker i's
+payload alone (:meth:`diloco.comm.InProcessComm.push`: its upload, and the download of the
+new model), ``Algorithm.apply`` takes the outer step with the update scaled by ``w`` and worker
+i pulls the model. Each worker's pseudo-gradient is taken from the model it pulled
+(:meth:`diloco.workers.WorkerGroup.track_origins`).
+
 Simulation only (``comm=inprocess``), DiLoCo with mean aggregation: a robust aggregator or a
 payload attack needs several payloads at once, and here they arrive one at a time.
 """
@@ -27,15 +34,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-from diloco import metrics as M
-from diloco.algorithms import DiLoCo
-from diloco.algorithms.streaming import StreamingDiLoCo
-from diloco.config import Config, ConfigError
-
-if TYPE_CHECKING:
-    from diloco.trainer import Trainer
+from diloco.clock import SimClock
+from diloco.comm.base import Communicator
+from diloco.comm.inprocess import InProcessComm
+from diloco.config import ConfigError
+from diloco.faults import RoundFaults
+from diloco.profiles import Profiles
+from diloco.sync import Progress, RoundPlan
 
 STALENESS = "sync/staleness"
 WEIGHT = "sync/weight"
@@ -89,61 +97,95 @@ class AsyncSchedule:
         self.version = state["version"]
 
 
-def check(cfg: Config, algorithm: object, world_size: int) -> None:
-    """Reject what ``sync=async`` cannot run, with the key to change."""
-    bad = [
-        (not isinstance(algorithm, DiLoCo) or isinstance(algorithm, StreamingDiLoCo), "algorithm",
-         "must be diloco, fedavg or sparseloco (one outer step per pseudo-gradient)"),
-        (world_size > 1 or cfg.comm.backend != "inprocess", "comm", "must be inprocess"),
-        (cfg.workers.step_time_s is None, "workers.step_time_s",
-         "must be set: workers are scheduled by modelled time"),
-        (cfg.aggregator["name"] != "mean", "aggregator", "must be mean (one payload at a time)"),
-        (cfg.attack["name"] not in ("none", "poison"), "attack",
-         "payload attacks need the other payloads in view: use attack=poison or none"),
-        (cfg.validator.name != "none", "validator", "must be none"),
-        (bool(cfg.faults.events or cfg.faults.rate), "faults", "must be none"),
-        (bool(cfg.comm.what_if_mbps), "comm.what_if_mbps", "must be empty (the order of "
-         "events depends on the bandwidth)"),
-    ]  # fmt: skip
-    for failed, key, msg in bad:
-        if failed:
-            raise ConfigError(key, f"{msg} with sync=async")
+class Async:
+    """The ``sync=async`` policy: each round serves the push that arrives first."""
 
+    @dataclass
+    class Config:
+        """``staleness_exponent``: ``a`` in the weight ``min(1, (K / (1 + s))^a) / K``."""
 
-def fit_async(trainer: Trainer, logger: M.Logger) -> None:
-    """Serve pushes in order of modelled arrival until ``train.steps`` reference steps pass."""
-    t, cfg = trainer, trainer.cfg
-    sched = t.schedule
-    assert sched is not None and isinstance(t.algorithm, DiLoCo)
-    end_s = cfg.train.steps * sched.step_s
-    model_bytes = 4 * t.group.num_params
-    while sched.finish[i := sched.next_worker()] <= end_s + 1e-9:
-        ref = t.step  # reference steps of modelled time so far
-        before = t.group.params[i].clone()
-        stats = None
-        for _ in range(sched.h):
-            t.step = int(t.worker_steps[i])  # the worker's own step drives its lr schedule
-            ran = t._inner_step([j == i for j in range(sched.k)])
-            stats = stats if ran is None else ran
-            t.worker_steps[i] += 1
-        codec = t.exchange.stream(f"worker{i}")["codec"]  # error feedback per worker
-        enc = codec.encode((before - t.group.params[i])[None])
-        nbytes = enc.nbytes_per_worker()
+        staleness_exponent: float = field(default=0.5, metadata={"ge": 0.0})
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        inner_steps: int,
+        profiles: Profiles,
+        step_time_s: float | None,
+        **_: Any,
+    ) -> None:
+        self.cfg, self.h, self.speeds = cfg, inner_steps, profiles.speeds
+        self.schedule = AsyncSchedule(
+            inner_steps, step_time_s or 1.0, profiles.speeds, cfg.staleness_exponent
+        )
+
+    def setup(self, parts: Any) -> None:
+        """Reject what ``sync=async`` cannot run, with the key to change; track origins.
+
+        Workers pull the model at different times, so each one's pseudo-gradient is taken
+        from the model it pulled (:meth:`diloco.workers.WorkerGroup.track_origins`).
+        """
+        cfg, algorithm, comm, exchange = parts.cfg, parts.algorithm, parts.comm, parts.exchange
+        bad = [
+            (getattr(algorithm, "payload_kind", None) != "pseudo_gradient", "algorithm",
+             "must be diloco, fedavg or sparseloco (one outer step per pseudo-gradient)"),
+            (comm.world_size > 1 or type(comm) is not InProcessComm, "comm", "must be inprocess"),
+            (cfg.workers.step_time_s is None, "workers.step_time_s",
+             "must be set: workers are scheduled by modelled time"),
+            (not exchange.plain_mean, "aggregator", "must be mean (one payload at a time)"),
+            (exchange.attack_forges, "attack",
+             "payload attacks need the other payloads in view: use attack=poison or none"),
+            (exchange.validator is not None, "validator", "must be none"),
+            (bool(cfg.faults.events or cfg.faults.rate), "faults", "must be none"),
+            (bool(comm.cfg.what_if_mbps), "comm.what_if_mbps", "must be empty (the order of "
+             "events depends on the bandwidth)"),
+        ]  # fmt: skip
+        for failed, key, msg in bad:
+            if failed:
+                raise ConfigError(key, f"{msg} with sync=async")
+        parts.group.track_origins()
+
+    def plan(self, progress: Progress, faults: RoundFaults) -> RoundPlan | None:
+        """Worker ``i``, whose push arrives next, runs H steps from its own step count."""
+        sched = self.schedule
+        i = sched.next_worker()
+        if sched.finish[i] > self._end(progress) + 1e-9:
+            return None
         staleness, w = sched.weight(i)
-        glob = t.group.global_param
-        assert glob.grad is not None
-        glob.grad.copy_(codec.decode(enc)[0] * w)
-        t.algorithm.outer.step()
-        t.group.params[i].copy_(glob.data)
-        t.comm.sent[i] += nbytes
-        t.comm.recv[i] += model_bytes
-        comm_s = t.clock.push_pull(i, nbytes, model_bytes)
+        steps = [self.h if j == i else 0 for j in range(sched.k)]
+        first = int(progress.worker_steps[i])  # the worker's own step drives its lr schedule
+        metrics = {STALENESS: float(staleness), WEIGHT: w}
+        return RoundPlan(steps, self.h, first, list(self.speeds), None, [i], w, False, metrics)
+
+    def _end(self, progress: Progress) -> float:
+        return progress.total_steps * self.schedule.step_s
+
+    def finish(
+        self,
+        plan: RoundPlan,
+        progress: Progress,
+        clock: SimClock,
+        comm: Communicator,
+        timing: tuple[float, int, int],
+    ) -> tuple[int, bool]:
+        """The push and pull delay the worker's next cycle; modelled time jumps to the push."""
+        sched = self.schedule
+        [push] = comm.drain()
+        i = push.senders[0]
+        comm_s = clock.push_pull(i, push.nbytes, push.pull_nbytes)
         now = sched.served(i, comm_s)
-        t.clock.advance_to(now, comm_s)
-        t.round += 1
+        clock.advance_to(now, comm_s)
+        end_s = self._end(progress)
         last = sched.finish[sched.next_worker()] > end_s + 1e-9
-        t.step = cfg.train.steps if last else min(cfg.train.steps, math.floor(now / sched.step_s))
-        t.step = max(t.step, ref)
-        row = t._train_row(stats)
-        row.update({STALENESS: float(staleness), WEIGHT: w})
-        t._end_round(row, t.step - ref, logger, last)
+        total = progress.total_steps
+        step = total if last else min(total, math.floor(now / sched.step_s))
+        return max(step, progress.step), last
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule."""
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the schedule."""
+        self.schedule.load_state_dict(state)

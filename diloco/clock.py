@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from diloco.comm.topology import NetworkModel, Topology
+from diloco.comm.base import Collective
+from diloco.comm.topology import NetworkModel
 from diloco.profiles import Profiles
 
 
@@ -75,13 +76,13 @@ class SimClock:
         for key in self.sim_s:
             self.sim_s[key] += compute_s
 
-    def exchange(
-        self, collectives: list[tuple[Topology, float]], n: int, overlap_steps: int = 0
-    ) -> None:
-        """Add the network time of a round's collectives (``(topology, bytes)`` pairs)."""
+    def exchange(self, collectives: list[Collective], n: int, overlap_steps: int = 0) -> None:
+        """Add the network time of a round's collectives (each ``nbytes`` over a topology)."""
         hidden = overlap_steps * self._step_s
         for key, network in self.networks.items():
-            comm_s = sum(network.time(topology, n, d) for topology, d in collectives)
+            comm_s = sum(
+                network.time(c.topology, n, c.nbytes) for c in collectives if c.topology is not None
+            )
             self.comm_s[key] += comm_s
             self.sim_s[key] += max(0.0, comm_s - hidden)
 

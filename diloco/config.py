@@ -44,7 +44,7 @@ class TrainConfig:
     """The run's length, batch and schedule. ``steps`` counts inner steps per worker."""
 
     steps: int = field(default=600, metadata=_ge(1))
-    batch_size: int = field(default=16, metadata=_ge(1))
+    batch_size: int = field(default=8, metadata=_ge(1))
     eval_every: int = field(default=100, metadata=_ge(1))
     eval_sequences: int = field(default=128, metadata=_ge(1))
     log_every: int = field(default=10, metadata=_ge(1))
@@ -68,15 +68,6 @@ class WorkersConfig:
 
 
 @dataclass
-class SyncConfig:
-    """How many inner steps each worker runs per round (see :mod:`diloco.sync`)."""
-
-    policy: Literal["all", "deadline", "async"] = "all"
-    budget: float = field(default=1.0, metadata={"gt": 0.0})
-    staleness_exponent: float = field(default=0.5, metadata=_ge(0.0))  # async: a in w(s)
-
-
-@dataclass
 class FaultEvent:
     """One scheduled fault (see :mod:`diloco.faults`)."""
 
@@ -93,17 +84,6 @@ class FaultsConfig:
     rate: float = field(default=0.0, metadata={"ge": 0.0, "le": 1.0})
     rejoin_after: int = field(default=2, metadata=_ge(1))
     delay_factor: float = field(default=4.0, metadata={"ge": 1.0})
-
-
-@dataclass
-class ValidatorConfig:
-    """Gauntlet-style scoring of contributions (see :mod:`diloco.adversary.validator`)."""
-
-    name: Literal["none", "gauntlet"] = "none"
-    beta: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
-    min_score: float = 0.0
-    relative_min: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
-    copy_threshold: float = field(default=0.999, metadata={"gt": 0.0, "le": 1.0})
 
 
 @dataclass
@@ -144,41 +124,29 @@ class LoggerConfig:
 
 
 @dataclass
-class CommConfig:
-    """The communicator that moves payloads between workers."""
-
-    backend: Literal["inprocess", "torchdist"] = "inprocess"
-    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on CUDA, else gloo
-    timeout_s: float = field(default=300.0, metadata={"gt": 0.0})  # a collective's limit
-    topology: Literal["ring", "butterfly", "parameter_server", "object_store"] = "ring"
-    max_abs: float | None = field(default=1.0e6, metadata={"gt": 0.0})
-    bandwidth_mbps: float = field(default=1000.0, metadata={"gt": 0.0})
-    latency_ms: float = field(default=0.0, metadata=_ge(0.0))
-    what_if_mbps: list[float] = field(default_factory=list, metadata={"gt": 0.0})
-
-
-@dataclass
 class Config:
-    """A whole run. Plug-in nodes (model, optimizer, algorithm) stay dicts with ``_target_``."""
+    """A whole run. Plug-in nodes stay dicts with ``_target_`` (see :data:`PLUGINS`)."""
 
     seed: int = field(default=0, metadata=_ge(0))
     resume: bool = False
     device: str = "cpu"
     train: TrainConfig = field(default_factory=TrainConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
-    validator: ValidatorConfig = field(default_factory=ValidatorConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    comm: CommConfig = field(default_factory=CommConfig)
+    # plug-ins: ``_target_`` nodes, validated against the target's ``Config`` by :func:`parse`
+    # (defaults live in conf/, one file per option)
     model: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
     algorithm: dict[str, Any] = field(default_factory=dict)
-    codec: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
-    aggregator: dict[str, Any] = field(default_factory=lambda: {"name": "mean"})
-    attack: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    codec: dict[str, Any] = field(default_factory=dict)
+    aggregator: dict[str, Any] = field(default_factory=dict)
+    attack: dict[str, Any] = field(default_factory=dict)
+    validator: dict[str, Any] | None = None
+    sync: dict[str, Any] = field(default_factory=dict)
+    comm: dict[str, Any] = field(default_factory=dict)
     experiment: str | None = None
 
 
@@ -271,6 +239,18 @@ def from_dict(cls: type[T], node: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+def configure(cls: type[T], cfg: T | None, kwargs: dict[str, Any], key: str) -> T:
+    """Validate ``cfg`` (or build it from keyword arguments) against ``cls``'s declared bounds.
+
+    Lets a plug-in be built from its config (``Krum(cfg)``) or by hand (``Krum(f=2)``).
+    """
+    if cfg is not None and kwargs:
+        raise TypeError(f"{key}: pass a Config or keyword arguments, not both")
+    if cfg is not None:
+        kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
+    return from_dict(cls, kwargs, key)
+
+
 def import_target(node: dict[str, Any], key: str) -> Any:
     """Import the object named by ``node['_target_']``."""
     target = node.get("_target_")
@@ -283,17 +263,35 @@ def import_target(node: dict[str, Any], key: str) -> Any:
         raise ConfigError(f"{key}._target_", f"cannot import {target!r}") from None
 
 
+PLUGINS = (
+    "model",
+    "optimizer",
+    "algorithm",
+    "codec",
+    "aggregator",
+    "attack",
+    "validator",
+    "sync",
+    "comm",
+)
+"""Config groups that choose an implementation: each node names its class with ``_target_``
+and the class validates the node's other keys (a nested ``Config`` dataclass, or for models
+and ``torch.optim`` optimizers the constructor). ``validator`` may be null (none)."""
+
+
 def parse(node: dict[str, Any]) -> Config:
     """Validate a resolved config (a plain dict) into :class:`Config`."""
     node = {k: v for k, v in node.items() if k != "hydra"}
     cfg = from_dict(Config, node)
-    for key in ("model", "optimizer", "algorithm"):
-        if "_target_" not in getattr(cfg, key):
+    for key in PLUGINS:
+        plugin = getattr(cfg, key)
+        if plugin is None and key == "validator":
+            continue
+        if not plugin or "_target_" not in plugin:
             raise ConfigError(key, "missing; pick one from conf/" + key)
-        target = import_target(getattr(cfg, key), key)
-        config_cls = getattr(target, "Config", None)
+        config_cls = getattr(import_target(plugin, key), "Config", None)
         if isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls):
-            from_dict(config_cls, getattr(cfg, key), key)
+            from_dict(config_cls, plugin, key)
     return cfg
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from diloco.config import ConfigError, FaultsConfig
 
@@ -38,6 +39,12 @@ class Faults:
             if e.worker >= num_workers:
                 raise ConfigError(f"faults.events[{i}].worker={e.worker}", f"< {num_workers}")
         self.cfg, self.k, self.seed = cfg, num_workers, seed
+
+    def check(self, parts: Any) -> None:
+        """Workers leave and rejoin between exchanges: rounds of local steps are needed."""
+        alg = parts.algorithm
+        if (self.cfg.events or self.cfg.rate) and alg.inner_steps < 2:
+            raise ConfigError("faults", f"needs rounds of local steps, not {alg.name}")
 
     def _random_away(self, worker: int, round_: int) -> bool:
         for start in range(max(0, round_ - self.cfg.rejoin_after + 1), round_ + 1):

@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
-import torch.distributed
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from diloco import metrics as M
+from diloco.build import build_comm, build_parts
 from diloco.comm.torchdist import CommError
 from diloco.config import ConfigError, parse
-from diloco.data import DataError
-from diloco.trainer import Trainer, parse_device
+from diloco.data import DataError, load_corpus
+from diloco.trainer import Trainer
 
 log = logging.getLogger("diloco")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -59,20 +58,18 @@ def _loggers(
 
 
 def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Validate ``node``, train, and write ``summary.json`` into ``run_dir``.
+    """Validate ``node``, build the run's parts, train, and write ``summary.json``.
 
-    With ``comm.backend=torchdist`` every rank calls this; they join the process group, use
-    rank 0's ``run_dir``, and rank 0 alone logs and writes the summary.
+    With ``comm=torchdist`` every rank calls this; building the communicator joins the
+    process group, every rank uses rank 0's ``run_dir``, and rank 0 alone logs and writes
+    the summary.
     """
     resolved: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
     cfg = parse(resolved)
-    if cfg.comm.backend == "torchdist":
-        from diloco.comm.torchdist import init_from_env, shared_path
-
-        init_from_env(parse_device(cfg.device), cfg.comm.dist_backend, cfg.comm.timeout_s)
-        run_dir = shared_path(run_dir)
+    comm, device = build_comm(cfg)
     try:
-        trainer = Trainer(cfg, run_dir)
+        run_dir = comm.shared_path(run_dir)
+        trainer = Trainer(build_parts(cfg, comm, device, load_corpus(cfg.data)), run_dir)
         resumed = cfg.resume and trainer.maybe_resume()
         logger = _loggers(trainer, resolved, list(overrides or []), resumed)
         try:
@@ -80,8 +77,7 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
         finally:
             logger.close()
     finally:
-        if cfg.comm.backend == "torchdist":
-            torch.distributed.destroy_process_group()
+        comm.close()
     summary.update(git_sha=git_sha(), run_dir=str(run_dir))
     if trainer.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,21 +1,25 @@
-"""The round loop: workers run inner steps, the algorithm syncs them, everything is logged.
+"""The one round loop: workers run inner steps, the exchange syncs them, everything is logged.
 
-One round, as data::
+One round, as data (the module that owns each step)::
 
-    for each of H inner steps:
-        group.forward_backward(batches)         K_local workers, each on its own shard
-        algorithm.on_gradients(group, exchange) DDP averages gradients here
-        group.clip_grads; group.optimizer_step  inner optimizer (AdamW, SGD, ...)
-    rows = algorithm.payload(group)             local phase: e.g. pseudo-gradients [K, P]
-    update = exchange(rows)                     attack, validation, codec, collective (bytes
-                                                counted), aggregation -> [P] fp32
-    algorithm.apply(group, update)              outer step; workers resync
-    clock: modelled compute (configured or measured per worker) + network time of the
-           collectives run (bandwidth, latency; the slowest link bounds each exchange)
-    eval, log, checkpoint
+    plan = policy.plan(progress, faults)        sync.py / asynchronous.py: who runs how many
+                                                steps, whose payload counts, its weight
+    for each of the round's inner steps:
+        group.forward_backward(batches)         workers.py: K_local workers, own shards
+        algorithm.inner_step(group, ctx)        algorithms/: clip + inner optimizer; DDP
+                                                averages gradients, DeMo exchanges here
+    payload = algorithm.payload(group)          local phase: e.g. pseudo-gradients [K, P]
+    update = exchange(payload.rows, ...)        exchange/: codec, collective (comm/: bytes
+                                                counted), attack, validation, validator,
+                                                aggregation -> [P] fp32
+    algorithm.apply(group, update * scale)      outer step; workers resync (pull)
+    policy.finish(...)                          clock.py: modelled compute + network time
+    eval, log (metrics.py), checkpoint (checkpoint.py)
 
-The trainer is the only place that owns the run's state, so :meth:`Trainer.state_dict` is a
-whole checkpoint and a resumed run ends bitwise equal to an uninterrupted one on CPU.
+The trainer receives its parts from :mod:`diloco.build` and names none of them: a new sync
+policy, transport, codec, attack or algorithm is a module plus a config file. It is the only
+place that owns the run's state, so :meth:`Trainer.state_dict` is a whole checkpoint and a
+resumed run ends bitwise equal to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
@@ -27,157 +31,72 @@ from typing import Any
 
 import torch
 
-from demo_optim import DeMo
-from diloco import asynchronous, checkpoint
+from diloco import checkpoint
 from diloco import metrics as M
-from diloco.adversary.poison import PoisonedSampler
-from diloco.adversary.validator import Gauntlet
-from diloco.algorithms import Algorithm, DiLoCo
-from diloco.algorithms.demo import DeMoSync
-from diloco.asynchronous import AsyncSchedule
-from diloco.clock import SimClock
-from diloco.comm import make_comm
-from diloco.comm.pipeline import ExchangePipeline
-from diloco.config import Config, ConfigError, build, build_optimizer
-from diloco.data import Corpus, ShardSampler, load_corpus, shard_indices
-from diloco.faults import Faults
-from diloco.profiles import worker_profiles
-from diloco.sync import steps_per_worker
-from diloco.workers import Batch, WorkerGroup, lr_multiplier
+from diloco.algorithms import StepContext
+from diloco.build import Parts, build_comm, build_parts
+from diloco.config import Config, ConfigError
+from diloco.data import Corpus, load_corpus
+from diloco.sync import RoundPlan
+from diloco.workers import Batch, lr_multiplier
 
 log = logging.getLogger(__name__)
-EVAL_BATCH = 32  # sequences per eval forward; the eval set does not depend on it
-
-
-def parse_device(name: str) -> torch.device:
-    """``device=...`` as a torch device; a bad or unavailable one is a one-line error."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name}", "not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}", "CUDA is not available on this machine")
-    return device
 
 
 class Trainer:
-    """Owns workers, algorithm, communicator and loggers for one run.
+    """Runs the round loop over the parts of one run.
 
     Args:
-        cfg: the validated config.
+        parts: built by :func:`diloco.build.build_parts` (or use :meth:`from_config`).
         run_dir: where ``metrics.jsonl``, ``summary.json`` and checkpoints go.
-        corpus: a preloaded corpus (tests and sweeps reuse one); loaded from ``cfg.data``
-            when omitted.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus | None = None) -> None:
-        self.cfg = cfg
-        self.device = parse_device(cfg.device)
-        self.comm = make_comm(cfg, self.device)
-        if self.comm.world_size > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", torch.cuda.current_device())
+    def __init__(self, parts: Parts, run_dir: Path) -> None:
+        self.parts = parts
+        self.cfg = parts.cfg
+        self.comm, self.group, self.algorithm = parts.comm, parts.group, parts.algorithm
+        self.exchange, self.policy, self.clock = parts.exchange, parts.policy, parts.clock
+        self.progress, self.samplers = parts.progress, parts.samplers
+        self.device = parts.device
+        self.local_ids = self.comm.local_ids  # global ids of the workers this process hosts
         self.is_main = self.comm.rank == 0  # evaluates, logs and writes the summary
-        self.exchange = ExchangePipeline.from_config(self.comm, cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.corpus = corpus if corpus is not None else load_corpus(cfg.data)
-        torch.manual_seed(cfg.seed)
-        model = build(
-            cfg.model, "model", vocab_size=self.corpus.vocab_size, block_size=cfg.data.seq_len
-        ).to(self.device)
-        self.local_ids = self.comm.local_ids  # global ids of the workers this process hosts
-        self.group = WorkerGroup(model, self.local_ids, build_optimizer(cfg.optimizer, "optimizer"))
-        self.algorithm: Algorithm = build(cfg.algorithm, "algorithm", self.group)
-        for opt in self.group.optimizers:  # DeMo as a local inner optimizer: no exchange of
-            if isinstance(opt, DeMo) and not isinstance(self.algorithm, DeMoSync):  # its own
-                opt.gather_fn = lambda payload: [t.unsqueeze(0) for t in payload]
-        self.faults = Faults(cfg.faults, cfg.workers.count, cfg.seed)
-        uneven = cfg.sync.policy != "all" or cfg.faults.events or cfg.faults.rate
-        if uneven and (self.algorithm.inner_steps < 2 or not self.algorithm.uses_exchange):
-            key = f"sync={cfg.sync.policy}" if cfg.sync.policy != "all" else "faults"
-            raise ConfigError(key, f"needs rounds of local steps, not {cfg.algorithm['name']}")
-        defaults = ({"name": "none"}, {"name": "mean"}, {"name": "none"})
-        plugins = (cfg.codec, cfg.aggregator, cfg.attack)
-        if not self.algorithm.uses_exchange and any(
-            p["name"] != d["name"] for p, d in zip(plugins, defaults, strict=True)
-        ):
-            raise ConfigError(
-                f"algorithm={self.algorithm.name}",
-                "sends its own payloads; codec, aggregator and attack must stay at their defaults",
-            )
-        shards = shard_indices(
-            self.corpus, cfg.workers.count, cfg.data.shard, cfg.seed, cfg.data.dirichlet_alpha
-        )
-        # every worker's sampler, so that the validator can read any worker's assigned batch
-        self.samplers: list[ShardSampler | PoisonedSampler] = [
-            ShardSampler(self.corpus.train, shards[i], cfg.train.batch_size, cfg.seed, i)
-            for i in range(cfg.workers.count)
-        ]
-        if cfg.attack["name"] == "poison":
-            mode = cfg.attack.get("mode", "shuffle")
-            for i in torch.nonzero(self.exchange.byzantine).flatten().tolist():
-                try:
-                    self.samplers[i] = PoisonedSampler(
-                        self.samplers[i], mode, self.corpus.vocab_size, cfg.seed, i
-                    )
-                except ValueError as err:
-                    raise ConfigError("attack.mode", str(err)) from None
-        if cfg.validator.name == "gauntlet":
-            self.exchange.validator = self._gauntlet(shards)
-        held_out = self.corpus.eval[: cfg.train.eval_sequences].split(EVAL_BATCH)
-        self.eval_set = [self._to_device((s[:, :-1], s[:, 1:])) for s in held_out]
-        self.assigned: dict[int, Batch] = {}  # each worker's latest assigned batch
-        self.step = 0  # reference inner steps (a worker at speed 1 under any sync policy)
-        self.worker_steps = torch.zeros(cfg.workers.count, dtype=torch.long)  # steps each ran
-        self.round = 0
         self.wall_s = 0.0
-        comm = cfg.comm
-        self.profiles = worker_profiles(cfg.workers, cfg.seed)
-        self.clock = SimClock(
-            comm.bandwidth_mbps,
-            comm.latency_ms,
-            comm.what_if_mbps,
-            cfg.workers.step_time_s,
-            self.profiles,
-        )
-        self.schedule: AsyncSchedule | None = None  # sync=async: who pushes next
-        if cfg.sync.policy == "async":
-            asynchronous.check(cfg, self.algorithm, self.comm.world_size)
-            assert cfg.workers.step_time_s is not None
-            self.schedule = AsyncSchedule(
-                self.algorithm.inner_steps,
-                cfg.workers.step_time_s,
-                self.profiles.speeds,
-                cfg.sync.staleness_exponent,
-            )
         self.last_eval: float = float("nan")
         self.ckpt_path = checkpoint.path_for(self.run_dir, self.comm.rank, self.comm.world_size)
         self._start = time.perf_counter()
 
-    def _gauntlet(self, shards: list[torch.Tensor]) -> Gauntlet:
-        """The validator: each worker's latest assigned batch and a held-out batch."""
-        cfg = self.cfg
-        if not isinstance(self.algorithm, DiLoCo):
-            raise ConfigError("validator=gauntlet", "scores full pseudo-gradients: use DiLoCo")
-        b = cfg.train.batch_size
-        spare = self.corpus.eval[cfg.train.eval_sequences : cfg.train.eval_sequences + b]
-        if len(spare) == 0:
-            spare = self.corpus.eval[:b]
-        held = self._to_device((spare[:, :-1], spare[:, 1:]))
-        return Gauntlet(
-            cfg.validator, self._loss_at, lambda i: self.assigned.get(i, held), held,
-            lambda: self.group.global_param.data, self.exchange.byzantine,
-        )  # fmt: skip
+    @classmethod
+    def from_config(cls, cfg: Config, run_dir: Path, corpus: Corpus | None = None) -> Trainer:
+        """Build every part from ``cfg`` (``corpus``: preloaded, else from ``cfg.data``).
 
-    @torch.no_grad()
-    def _loss_at(self, flat: torch.Tensor, batch: Batch) -> float:
-        """The global model's loss on ``batch`` with its parameters set to ``flat``."""
-        theta = self.group.global_param.data
-        saved = theta.clone()
-        theta.copy_(flat)
-        loss = float(self.group.global_model(*batch)[1])
-        theta.copy_(saved)
-        return loss
+        Under ``comm=torchdist`` this joins the process group; the run dir is rank 0's.
+        """
+        comm, device = build_comm(cfg)
+        try:
+            run_dir = comm.shared_path(Path(run_dir))
+            corpus = corpus if corpus is not None else load_corpus(cfg.data)
+            return cls(build_parts(cfg, comm, device, corpus), run_dir)
+        except BaseException:
+            comm.close()
+            raise
+
+    # the run's counters live in the shared progress
+    @property
+    def step(self) -> int:
+        """Reference inner steps done (a worker at speed 1 under any sync policy)."""
+        return self.progress.step
+
+    @property
+    def round(self) -> int:
+        """Rounds done."""
+        return self.progress.round
+
+    @property
+    def worker_steps(self) -> torch.Tensor:
+        """Inner steps each worker of the run has run."""
+        return self.progress.worker_steps
 
     def _to_device(self, batch: Batch) -> Batch:
         x, y = batch
@@ -185,42 +104,41 @@ class Trainer:
 
     # -- one round ----------------------------------------------------------------------------
 
-    def _inner_step(self, active: list[bool] | None = None) -> torch.Tensor | None:
-        """One reference step: every active worker steps; idle ones wait (deadline sync).
+    def _inner_step(self, active: list[bool] | None = None, step: int | None = None) -> Any:
+        """One inner step of every active worker (idle ones wait) at schedule step ``step``.
 
-        ``active`` has one entry per worker of the run. Returns this process's sums of loss,
+        ``active`` has one entry per worker of the run (None: all); ``step`` defaults to
+        the reference step, which then advances. Returns this process's sums of loss,
         workers that ran and gradient norm (None when no worker of the run was active).
         """
         tc = self.cfg.train
         active = active or [True] * self.cfg.workers.count
-        stats = None
-        if any(active):
-            scored = self.exchange.validator is not None  # it scores on the data assigned
-            local = set(self.local_ids)
-            batches: list[Batch | None] = [
-                self._to_device(s.next_batch()) if a and (i in local or scored) else None
-                for i, (s, a) in enumerate(zip(self.samplers, active, strict=True))
-            ]
-            if scored:
-                for i, (sampler, batch) in enumerate(zip(self.samplers, batches, strict=True)):
-                    clean = getattr(sampler, "last_clean", None)  # a poisoner's real data
-                    if batch is not None:
-                        self.assigned[i] = batch if clean is None else self._to_device(clean)
-            losses = self.group.forward_backward([batches[i] for i in self.local_ids])
-            self.exchange.round = self.round
-            self.algorithm.on_gradients(self.group, self.exchange)
-            norms = self.group.clip_grads(tc.grad_clip)
-            mult = lr_multiplier(
-                self.step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio
-            )
-            self.algorithm.step_optimizers(self.group, self.comm.all_gather_parts, mult)
-            ran = torch.tensor(self.group.active)
-            stats = torch.stack(
-                [losses.sum(), ran.sum().to(losses), norms[ran].sum().to(losses)]
-            ).double()
-        self.step += 1
-        self.algorithm.after_step(self.group, self.step)
-        return stats
+        advance = step is None
+        step = self.progress.step if step is None else step
+        scored = self.exchange.validator is not None  # it scores on the data assigned
+        local = set(self.local_ids)
+        batches: list[Batch | None] = [
+            self._to_device(s.next_batch()) if a and (i in local or scored) else None
+            for i, (s, a) in enumerate(zip(self.samplers, active, strict=True))
+        ]
+        if scored:
+            for i, (sampler, batch) in enumerate(zip(self.samplers, batches, strict=True)):
+                clean = getattr(sampler, "last_clean", None)  # a poisoner's real data
+                if batch is not None:
+                    self.parts.assigned[i] = batch if clean is None else self._to_device(clean)
+        losses = self.group.forward_backward([batches[i] for i in self.local_ids])
+        mult = lr_multiplier(step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+        ctx = StepContext(self.exchange, self.comm.all_gather_parts, mult, tc.grad_clip, step + 1)
+        self.algorithm.inner_step(self.group, ctx)
+        if advance:
+            self.progress.step += 1
+        if not any(active):
+            return None
+        ran = torch.tensor(self.group.active)
+        norms = self.group.grad_norms
+        return torch.stack(
+            [losses.sum(), ran.sum().to(losses), norms[ran].sum().to(losses)]
+        ).double()
 
     def _train_row(self, stats: torch.Tensor | None) -> dict[str, float]:
         """Train metrics over every worker of the run (one small all-reduce when distributed)."""
@@ -233,21 +151,51 @@ class Trainer:
             M.TRAIN_LR: self.group.optimizers[0].param_groups[0]["lr"],
         }
 
-    def _sync(self, steps: list[int] | None = None) -> None:
-        """End a round; ``steps`` each worker ran (None: all the same number)."""
-        self.exchange.round = self.round
+    def _sync(self, steps: list[int] | None = None, plan: RoundPlan | None = None) -> int:
+        """End a round: payload, exchange, apply. ``steps`` each worker ran (None: equal).
+
+        Returns the inner steps the exchange overlaps (hidden in modelled time).
+        """
         if steps is not None and not any(steps):  # everyone absent: nothing to sync
-            self.round += 1
-            return
-        rows = self.algorithm.payload(self.group)
-        # under a deadline or with absent workers, payloads are weighted by steps run
-        # (``steps`` has one entry per worker of the run)
-        uneven = steps is not None and len(set(steps)) > 1
-        weights = torch.tensor(steps, dtype=torch.float32) if uneven else None
-        key = self.algorithm.payload_key
-        update = None if rows is None else self.exchange(rows, key, weights)
-        self.algorithm.apply(self.group, update)
-        self.round += 1
+            self.progress.round += 1
+            return 0
+        weights = None if plan is None else plan.weights
+        if plan is None and steps is not None and len(set(steps)) > 1:
+            weights = torch.tensor(steps, dtype=torch.float32)
+        senders = None if plan is None else plan.senders
+        payload = self.algorithm.payload(self.group)
+        update = None
+        if payload is not None:
+            update = self.exchange(payload.rows, payload.key, weights, senders)
+            if plan is not None and plan.scale != 1.0:
+                update = update * plan.scale
+        self.algorithm.apply(self.group, update, senders)
+        self.progress.round += 1
+        return 0 if payload is None else payload.overlap_steps
+
+    def _round(self, plan: RoundPlan, logger: M.Logger) -> None:
+        """Run one planned round: inner steps, exchange, modelled time, eval, log, checkpoint."""
+        log_every = self.cfg.train.log_every
+        started = time.perf_counter()
+        stats = None
+        for j in range(plan.length):
+            ran = self._inner_step([s > j for s in plan.steps], plan.first_step + j)
+            stats = stats if ran is None else ran
+            done = plan.first_step + j + 1
+            if plan.log_inner and j < plan.length - 1 and done % log_every == 0:
+                logger.log(self._train_row(stats), done)
+        measured_s = time.perf_counter() - started
+        row = self._train_row(stats)
+        row.update(plan.metrics)
+        here = sum(plan.steps[i] for i in self.local_ids)  # worker-steps timed in this process
+        self.progress.worker_steps += torch.tensor(plan.steps)
+        overlap = self._sync(plan.steps, plan)
+        before = self.progress.step
+        step, last = self.policy.finish(
+            plan, self.progress, self.clock, self.comm, (measured_s, here, overlap)
+        )
+        self.progress.step = step
+        self._end_round(row, step - before, logger, last)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -261,9 +209,10 @@ class Trainer:
         model = self.group.global_model
         was_training = model.training
         model.eval()
-        total = sum(model(x, y)[1].item() * x.shape[0] for x, y in self.eval_set)
+        eval_set = self.parts.eval_set
+        total = sum(model(x, y)[1].item() * x.shape[0] for x, y in eval_set)
         model.train(was_training)
-        return total / sum(x.shape[0] for x, _ in self.eval_set)
+        return total / sum(x.shape[0] for x, _ in eval_set)
 
     def _comm_metrics(self) -> dict[str, float]:
         out = {
@@ -280,47 +229,25 @@ class Trainer:
 
     def fit(self, logger: M.Logger | None = None) -> dict[str, Any]:
         """Train to ``train.steps`` inner steps per worker; returns the summary dict."""
-        tc = self.cfg.train
         logger = logger or M.MultiLogger([])
-        h = self.algorithm.inner_steps
         self._start = time.perf_counter() - self.wall_s
-        if self.schedule is not None:
-            asynchronous.fit_async(self, logger)
-        while self.schedule is None and self.step < tc.steps:
-            n = min(h, tc.steps - self.step)
-            now = self.faults.at(self.round)
+        while True:
+            now = self.parts.faults.at(self.round)
             for w in now.crashed:  # a crash loses the worker's local optimizer state
                 if w in self.local_ids:
                     self.group.optimizers[self.local_ids.index(w)].state.clear()
-            speeds = [v / d for v, d in zip(self.profiles.speeds, now.slowdown, strict=True)]
-            steps = steps_per_worker(self.cfg.sync.policy, n, speeds, self.cfg.sync.budget)
-            steps = [s if here else 0 for s, here in zip(steps, now.present, strict=True)]
-            started = time.perf_counter()
-            stats = None
-            for i in range(n):
-                ran = self._inner_step([s > i for s in steps])
-                stats = stats if ran is None else ran
-                if i < n - 1 and self.step % tc.log_every == 0:
-                    logger.log(self._train_row(stats), self.step)
-            row = self._train_row(stats)
-            here = sum(steps[i] for i in self.local_ids)  # worker-steps timed in this process
-            self.clock.compute(steps, time.perf_counter() - started, speeds, here)
-            self.worker_steps += torch.tensor(steps)
-            self._sync(steps)
-            self._end_round(row, n, logger)
+            plan = self.policy.plan(self.progress, now)
+            if plan is None:
+                break
+            self._round(plan, logger)
         if self.step == 0 or self.last_eval != self.last_eval:  # nothing run, or never evaluated
             self.last_eval = self.evaluate()
         return self.summary()
 
-    def _end_round(
-        self, row: dict[str, float], n: int, logger: M.Logger, last: bool | None = None
-    ) -> None:
-        """After a sync (``n`` reference steps long): metrics, eval, log, checkpoint when due."""
+    def _end_round(self, row: dict[str, float], n: int, logger: M.Logger, last: bool) -> None:
+        """After a round (``n`` reference steps long): metrics, eval, log, checkpoint when due."""
         tc = self.cfg.train
-        last = self.step >= tc.steps if last is None else last
         self.wall_s = time.perf_counter() - self._start
-        overlap = self.algorithm.overlap_steps
-        self.clock.exchange(self.comm.drain(), self.comm.num_workers, overlap)
         row.update(self._comm_metrics())
         row.update(self.clock.metrics())
         row[M.ROUND] = self.round
@@ -339,6 +266,7 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         """The run's headline numbers (written to ``summary.json``)."""
+        validator = self.exchange.validator
         return {
             "algorithm": self.algorithm.name,
             "workers": self.cfg.workers.count,
@@ -354,7 +282,7 @@ class Trainer:
             "comm_bytes_total": self.comm.sent.sum().item(),
             "wall_time_s": self.wall_s,
             **self.clock.summary(),
-            **(self.exchange.validator.summary() if self.exchange.validator else {}),
+            **(validator.summary() if validator is not None else {}),
         }
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -375,7 +303,7 @@ class Trainer:
             "exchange": self.exchange.state_dict(),
             "samplers": [s.state_dict() for s in self.samplers],
             "rng": checkpoint.rng_state(),
-            **({"schedule": self.schedule.state_dict()} if self.schedule else {}),
+            "policy": self.policy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -387,8 +315,8 @@ class Trainer:
                 f"the checkpoint holds workers {saved} on this rank, this run places "
                 f"{self.local_ids} here: resume with the same workers.count and world size",
             )
-        self.step = state["step"]
-        self.round = state["round"]
+        self.progress.step = state["step"]
+        self.progress.round = state["round"]
         self.worker_steps.copy_(state["worker_steps"])
         self.wall_s = state["wall_s"]
         self.clock.load_state_dict(state["clock"])
@@ -400,8 +328,7 @@ class Trainer:
         for sampler, s in zip(self.samplers, state["samplers"], strict=True):
             sampler.load_state_dict(s)
         checkpoint.set_rng_state(state["rng"])
-        if self.schedule is not None:
-            self.schedule.load_state_dict(state["schedule"])
+        self.policy.load_state_dict(state["policy"])
 
     def maybe_resume(self) -> bool:
         """Load the run dir's checkpoint if there is one; True when resumed.

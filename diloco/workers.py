@@ -7,7 +7,9 @@ parameters are views into the ``[P]`` vector :attr:`WorkerGroup.global_param`, a
 ``nn.Parameter`` that the outer optimizer steps.
 
 Inner steps run as a Python loop over the replicas, which works for any ``nn.Module`` whose
-``forward(idx, targets)`` returns ``(logits, loss)``.
+``forward(idx, targets)`` returns ``(logits, loss)``. Inner optimizers stay local: one that
+would exchange on its own (:class:`demo_optim.DeMo` under a process group) is given a gather
+over its own worker only; exchanges are the algorithm's business.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def _bind(model: nn.Module, flat: torch.Tensor, grad: torch.Tensor | None) -> No
         if grad is not None:
             p.grad = grad[offset : offset + n].view_as(p)
         offset += n
+
+
+def _local_gather(payload: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A gather over one worker: each payload tensor gains a leading dim of size 1."""
+    return [t.unsqueeze(0) for t in payload]
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -87,9 +94,13 @@ class WorkerGroup:
             _bind(replica, self.params[i], self.grads[i])
         self.optimizers = [optimizer(param_groups(r)) for r in self.replicas]
         self.active = [True] * k  # which workers ran the current step
+        self.grad_norms = torch.zeros(k)  # each worker's gradient norm before clipping
+        self.anchors: torch.Tensor | None = None  # per-worker pulled models (track_origins)
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g.setdefault("initial_lr", g["lr"])
+            if hasattr(opt, "gather_fn"):  # an optimizer that exchanges on its own: keep local
+                opt.gather_fn = _local_gather
 
     @property
     def size(self) -> int:
@@ -114,11 +125,15 @@ class WorkerGroup:
         return torch.stack(losses)
 
     def clip_grads(self, max_norm: float) -> torch.Tensor:
-        """Clip each worker's whole gradient to ``max_norm`` (0: no clipping); returns norms."""
+        """Clip each worker's whole gradient to ``max_norm`` (0: no clipping); returns norms.
+
+        The norms before clipping are kept in :attr:`grad_norms` (for metrics).
+        """
         norms = self.grads.norm(dim=1)
         if max_norm > 0:
             scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
             self.grads.mul_(scale[:, None])
+        self.grad_norms = norms
         return norms
 
     def set_lr(self, lr_mult: float) -> None:
@@ -138,17 +153,41 @@ class WorkerGroup:
         """Copy the global model into every worker's row."""
         self.params.copy_(self.global_param.data.expand_as(self.params))
 
+    def track_origins(self) -> None:
+        """Remember, per worker, the model it last pulled (workers pull at different times)."""
+        self.anchors = self.params.clone()
+
+    def origins(self) -> torch.Tensor:
+        """The model each worker started from: ``[K_local, P]``, or ``[1, P]`` (the global)."""
+        return self.global_param.data[None] if self.anchors is None else self.anchors
+
+    def pull(self, workers: Sequence[int] | None = None) -> None:
+        """Copy the global model into the rows of ``workers`` (global ids; None: every row)."""
+        if workers is None:
+            self.broadcast_global()
+            if self.anchors is not None:
+                self.anchors.copy_(self.params)
+            return
+        for w in workers:
+            row = self.worker_ids.index(w)
+            self.params[row].copy_(self.global_param.data)
+            if self.anchors is not None:
+                self.anchors[row].copy_(self.global_param.data)
+
     def state_dict(self) -> dict[str, Any]:
-        """Worker rows, global model and every inner optimizer's state."""
+        """Worker rows, global model, pulled models if tracked, every inner optimizer's state."""
         return {
             "params": self.params.clone(),
             "global": self.global_param.data.clone(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
+            **({"anchors": self.anchors.clone()} if self.anchors is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore rows, global model and inner optimizer states in place (views stay bound)."""
         self.params.copy_(state["params"])
         self.global_param.data.copy_(state["global"])
+        if self.anchors is not None:
+            self.anchors.copy_(state["anchors"])
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)

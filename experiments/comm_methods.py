@@ -1,6 +1,7 @@
 """Table and plots for the ``comm_methods`` sweep: loss per byte and per modelled second.
 
     python -m diloco.train experiment=comm_methods
+    python -m diloco.train experiment=comm_methods_codecs
     python experiments/comm_methods.py multirun/comm_methods --out experiments/results/comm_methods
 
 Writes ``<out>.md`` (one row per method, DDP the reference) and ``<out>.png`` (eval loss
@@ -21,6 +22,14 @@ XS = {
 }
 
 
+def method(run: str) -> str:
+    """``0_algorithm=ddp`` -> ``ddp``; ``1_codec=int4`` (DiLoCo) -> ``diloco_int4``."""
+    overrides = dict(p.split("=", 1) for p in run.split("_", 1)[1].split(",") if "=" in p)
+    if "codec" in overrides:
+        return f"diloco_{overrides['codec']}"
+    return overrides.get("algorithm", run)
+
+
 def main() -> None:
     """Load the sweep, print and write the table, save the plot."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     metrics, summaries = load_runs(args.sweep_dir)
     for frame in (summaries, metrics):  # label runs by their method alone
-        frame["run"] = frame["run"].str.extract(r"method=(\w+)", expand=False)
+        frame["run"] = frame["run"].map(method)
     ref = summaries.set_index("run").loc["ddp"]
     lines = [
         "| method | final eval loss | vs DDP | bytes sent/worker | fewer bytes than DDP "

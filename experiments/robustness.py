@@ -1,12 +1,15 @@
 """Tables for the ``robustness`` and ``stragglers`` sweeps.
 
     python -m diloco.train experiment=robustness
+    python -m diloco.train experiment=robustness_gauntlet
     python -m diloco.train experiment=stragglers
-    python experiments/robustness.py multirun/robustness --stragglers multirun/stragglers
+    python experiments/robustness.py multirun/robustness multirun/robustness_gauntlet \
+        --stragglers multirun/stragglers
 
 Writes ``experiments/results/robustness.md``: the final eval-loss gap of every attack x
-defense against the honest-only run (no attack, mean), the validator's detection, and the
-modelled time to a target loss for each sync policy and worker profile.
+defense (a robust aggregator, or the validator's weights on a mean) against the honest-only
+run (no attack, mean), the validator's detection, and the modelled time to a target loss
+for each sync policy and worker profile.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from pathlib import Path
 
 from diloco.results import load_metrics
 
-DEFENSES = ["mean", "median", "trimmed_mean", "geomed", "multikrum", "cclip",
-            "nnm_trimmed_mean", "gauntlet"]  # fmt: skip
+DEFENSES = ["mean", "median", "trimmed_mean", "geomed", "multikrum", "cclip", "nnm",
+            "gauntlet"]  # fmt: skip
 
 
 def _overrides(run: Path) -> dict[str, str]:
@@ -27,12 +30,17 @@ def _overrides(run: Path) -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
-def robustness(sweep: Path) -> list[str]:
+def _defense(o: dict[str, str]) -> str:
+    """The validator when it is on, else the aggregator (mean unless swept)."""
+    return "gauntlet" if o.get("validator") == "gauntlet" else o.get("aggregator", "mean")
+
+
+def robustness(sweeps: list[Path]) -> list[str]:
     """Markdown: gap vs honest-only per attack (rows) and defense (columns)."""
     runs = {}
-    for summary in sweep.rglob("summary.json"):
+    for summary in (s for sweep in sweeps for s in sweep.rglob("summary.json")):
         o = _overrides(summary.parent)
-        runs[o["attack"], o["defense"]] = json.loads(summary.read_text())
+        runs[o["attack"], _defense(o)] = json.loads(summary.read_text())
     honest = runs["none", "mean"]["final_eval_loss"]
     attacks = sorted({a for a, _ in runs}, key=lambda a: (a != "none", a))
     lines = [f"Honest-only (no attack, mean): final eval loss {honest:.4f}.", "",
@@ -88,12 +96,12 @@ def validator(sweep: Path, skip: int = 5) -> list[str]:
 def main() -> None:
     """Print and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir")
+    parser.add_argument("sweep_dirs", nargs="+", help="robustness and robustness_gauntlet")
     parser.add_argument("--stragglers", default=None)
     parser.add_argument("--validator", default=None, help="a gauntlet-only sweep (longer run)")
     parser.add_argument("--out", default="experiments/results/robustness.md")
     args = parser.parse_args()
-    lines = robustness(Path(args.sweep_dir))
+    lines = robustness([Path(d) for d in args.sweep_dirs])
     if args.stragglers:
         lines += ["", *stragglers(Path(args.stragglers))]
     if args.validator:

@@ -80,3 +80,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def node(group: str, name: str, **kwargs: object) -> dict:
+    """The ``_target_`` of ``conf/<group>/<name>.yaml`` with ``kwargs``: a plug-in config node."""
+    import yaml
+
+    path = CONF_DIR / group / f"{name}.yaml"
+    target = yaml.safe_load(path.read_text())["_target_"]
+    return {"_target_": target, **kwargs}
+
+
+def plugin(group: str, name: str, **kwargs: object):
+    """Build option ``name`` of config group ``group`` (as conf/ names it) with ``kwargs``."""
+    from diloco.config import build
+
+    return build(node(group, name, **kwargs), group)

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from diloco.adversary import (
-    AGGREGATORS,
     NNM,
     Bucketing,
     CenteredClipping,
@@ -12,9 +11,10 @@ from diloco.adversary import (
     Mean,
     MultiKrum,
     TrimmedMean,
-    build_aggregator,
 )
 from diloco.config import ConfigError
+from diloco.train import check_groups
+from tests.helpers import CONF_DIR, node, plugin
 
 X = torch.tensor([[1.0, 2, 3], [4, 5, 6], [7, 8, 9]])
 
@@ -100,8 +100,8 @@ def test_cclip_rule_and_state():
 
 def test_nnm_mixing():
     rows = torch.randn(5, 3, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(NNM(f=0, inner="mean")(rows), rows.mean(0))
-    composed = build_aggregator("nnm", f=1, inner="trimmed_mean")
+    torch.testing.assert_close(NNM(f=0, inner=node("aggregator", "mean"))(rows), rows.mean(0))
+    composed = plugin("aggregator", "nnm", f=1, inner=node("aggregator", "trimmed_mean"))
     assert isinstance(composed.inner, TrimmedMean) and composed.inner.cfg.f == 1
     explicit = NNM(f=1, inner=TrimmedMean(f=1))
     torch.testing.assert_close(composed(rows), explicit(rows))
@@ -109,16 +109,21 @@ def test_nnm_mixing():
 
 def test_bucketing_seeded_state_roundtrip():
     rows = torch.randn(8, 3, generator=torch.Generator().manual_seed(6))
-    torch.testing.assert_close(Bucketing(s=1, inner="mean")(rows), rows.mean(0))
-    torch.testing.assert_close(Bucketing(s=8, inner="median")(rows), rows.mean(0))
-    b = Bucketing(s=2, inner="median", seed=3)
+    torch.testing.assert_close(Bucketing(s=1, inner=node("aggregator", "mean"))(rows), rows.mean(0))
+    torch.testing.assert_close(
+        Bucketing(s=8, inner=node("aggregator", "median"))(rows), rows.mean(0)
+    )
+    b = Bucketing(s=2, inner=node("aggregator", "median"), seed=3)
     b(rows)
     saved = b.state_dict()
     ahead = [b(rows) for _ in range(2)]
-    c = Bucketing(s=2, inner="median", seed=99)
+    c = Bucketing(s=2, inner=node("aggregator", "median"), seed=99)
     c.load_state_dict(saved)
     assert all(torch.equal(c(rows), a) for a in ahead)
-    assert torch.equal(Bucketing(s=2, inner="median", seed=3)(rows), Bucketing(s=2, seed=3)(rows))
+    assert torch.equal(
+        Bucketing(s=2, inner=node("aggregator", "median"), seed=3)(rows),
+        Bucketing(s=2, seed=3)(rows),
+    )
 
 
 @pytest.mark.parametrize(
@@ -147,8 +152,8 @@ ROBUST = [
     ("krum", {"f": 1}),
     ("multikrum", {"f": 1}),
     ("cclip", {"tau": 1.0, "L": 10}),
-    ("nnm", {"f": 1, "inner": "trimmed_mean"}),
-    ("bucketing", {"s": 2, "inner": "median"}),
+    ("nnm", {"f": 1, "inner": node("aggregator", "trimmed_mean")}),
+    ("bucketing", {"s": 2, "inner": node("aggregator", "median")}),
 ]
 
 
@@ -160,7 +165,7 @@ def test_mean_breaks_down():
 @pytest.mark.parametrize(("name", "kwargs"), ROBUST, ids=[r[0] for r in ROBUST])
 def test_robust_rules_resist_one_huge_row(name, kwargs):
     honest, rows = honest_and_outlier()
-    out = build_aggregator(name, **kwargs)(rows)
+    out = plugin("aggregator", name, **kwargs)(rows)
     assert torch.isfinite(out).all()
     assert (out - honest.mean(0)).norm() < 1.0, out
 
@@ -169,23 +174,23 @@ def test_robust_rules_resist_one_huge_row(name, kwargs):
 
 
 def test_registry_names():
-    assert set(AGGREGATORS) == {
+    assert {p.stem for p in (CONF_DIR / "aggregator").glob("*.yaml")} == {
         "mean", "median", "trimmed_mean", "geomed", "krum", "multikrum", "cclip", "nnm",
         "bucketing",
     }  # fmt: skip
 
 
 def test_registry_errors():
-    with pytest.raises(ConfigError, match="allowed: mean, median"):
-        build_aggregator("average")
+    with pytest.raises(ConfigError, match="aggregator=average: unknown; allowed: bucketing"):
+        check_groups(["aggregator=average"])
     with pytest.raises(ConfigError, match=r"f=-1.*>= 0"):
-        build_aggregator("krum", f=-1)
+        plugin("aggregator", "krum", f=-1)
     with pytest.raises(ConfigError, match="unknown key"):
-        build_aggregator("median", f=1)
-    with pytest.raises(ConfigError, match="allowed"):
-        build_aggregator("nnm", inner="nope")
+        plugin("aggregator", "median", f=1)
+    with pytest.raises(ConfigError, match="aggregator.inner._target_"):
+        plugin("aggregator", "nnm", inner={"_target_": "nope"})
     with pytest.raises(ConfigError):
-        build_aggregator("geomed", nu=0.0)
+        plugin("aggregator", "geomed", nu=0.0)
     with pytest.raises(ConfigError):
         TrimmedMean(TrimmedMean.Config(f=-1))
     assert TrimmedMean(TrimmedMean.Config(f=2)).cfg.f == 2

@@ -33,8 +33,10 @@ def test_schedule_order_staleness_and_weights():
 
 def test_one_cycle_of_equal_workers_equals_a_synchronous_fedavg_round(tmp_path):
     corpus = synthetic_corpus()
-    sync = Trainer(make_config(*FEDAVG, "train.steps=8"), tmp_path / "a", corpus)
-    asy = Trainer(make_config(*FEDAVG, "train.steps=8", "sync=async"), tmp_path / "b", corpus)
+    sync = Trainer.from_config(make_config(*FEDAVG, "train.steps=8"), tmp_path / "a", corpus)
+    asy = Trainer.from_config(
+        make_config(*FEDAVG, "train.steps=8", "sync=async"), tmp_path / "b", corpus
+    )
     sync.fit(), asy.fit()
     torch.testing.assert_close(asy.group.global_param.data, sync.group.global_param.data)
     assert asy.round == 4 and sync.round == 1
@@ -45,7 +47,7 @@ def test_one_cycle_of_equal_workers_equals_a_synchronous_fedavg_round(tmp_path):
 def test_straggler_is_stale_and_weighs_less_while_fast_workers_run_more_steps(tmp_path):
     no_network_time = "comm.bandwidth_mbps=1e12"
     cfg = make_config(*FEDAVG, "sync=async", "workers=straggler", "train.steps=64", no_network_time)
-    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     weights = []
     trainer.algorithm.outer.step = _spy(trainer, weights)
     summary = trainer.fit()
@@ -59,7 +61,7 @@ def test_straggler_is_stale_and_weighs_less_while_fast_workers_run_more_steps(tm
 
 def _spy(trainer: Trainer, seen: list) -> object:
     step = trainer.algorithm.outer.step
-    sched = trainer.schedule
+    sched = trainer.policy.schedule
 
     def spied(*args, **kwargs):
         i = sched.next_worker()
@@ -70,11 +72,11 @@ def _spy(trainer: Trainer, seen: list) -> object:
 
 
 def test_a_run_shorter_than_one_cycle_serves_nobody_and_runs_no_round(tmp_path):
-    trainer = Trainer(
+    trainer = Trainer.from_config(
         make_config(*FEDAVG, "sync=async", "train.steps=6"), tmp_path, synthetic_corpus()
     )
     summary = trainer.fit()
-    assert trainer.round == 0 and trainer.schedule.version == 0
+    assert trainer.round == 0 and trainer.policy.schedule.version == 0
     assert trainer.worker_steps.tolist() == [0, 0, 0, 0]
     assert summary["final_eval_loss"] == summary["final_eval_loss"]  # evaluated, not NaN
 
@@ -82,13 +84,13 @@ def test_a_run_shorter_than_one_cycle_serves_nobody_and_runs_no_round(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     corpus = synthetic_corpus()
     common = (*FEDAVG, "sync=async", "workers=straggler")
-    straight = Trainer(make_config(*common, "train.steps=48"), tmp_path / "a", corpus)
+    straight = Trainer.from_config(make_config(*common, "train.steps=48"), tmp_path / "a", corpus)
     straight.fit()
-    first = Trainer(make_config(*common, "train.steps=24"), tmp_path / "b", corpus)
+    first = Trainer.from_config(make_config(*common, "train.steps=24"), tmp_path / "b", corpus)
     first.fit()
     path = tmp_path / "ckpt.pt"
     checkpoint.save(first.state_dict(), path)
-    resumed = Trainer(make_config(*common, "train.steps=48"), tmp_path / "c", corpus)
+    resumed = Trainer.from_config(make_config(*common, "train.steps=48"), tmp_path / "c", corpus)
     resumed.load_state_dict(checkpoint.load(path))
     resumed.fit()
     assert torch.equal(straight.group.global_param.data, resumed.group.global_param.data)
@@ -108,5 +110,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_what_async_cannot_run_names_the_key(override, key, tmp_path):
     extra = ("attack.num_byzantine=1",) if override.startswith("attack") else ()
     with pytest.raises(ConfigError) as err:
-        Trainer(make_config(*FEDAVG, "sync=async", override, *extra), tmp_path, synthetic_corpus())
+        Trainer.from_config(
+            make_config(*FEDAVG, "sync=async", override, *extra), tmp_path, synthetic_corpus()
+        )
     assert err.value.key.startswith(key)

@@ -113,18 +113,19 @@ def test_comparison_experiments_print_both(experiment, algorithms, tmp_path):
 
 
 def test_comm_methods_experiment_runs_every_method(tmp_path):
-    out = cli(
-        "experiment=comm_methods",
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=16",
-        "train.steps=4",
-        "data.seq_len=16",
-        "train.eval_sequences=4",
-        f"hydra.sweep.dir={tmp_path}",
-        *QUIET,
-    )
-    assert out.returncode == 0, out.stderr
+    for experiment in ("comm_methods", "comm_methods_codecs"):  # one sweep dir for both
+        out = cli(
+            f"experiment={experiment}",
+            "model.n_layer=1",
+            "model.n_head=2",
+            "model.n_embd=16",
+            "train.steps=4",
+            "data.seq_len=16",
+            "train.eval_sequences=4",
+            f"hydra.sweep.dir={tmp_path}",
+            *QUIET,
+        )
+        assert out.returncode == 0, out.stderr
     summaries = [json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")]
     assert sorted(s["algorithm"] for s in summaries) == sorted(
         ["ddp", "diloco", "diloco", "diloco", "streaming_diloco", "sparseloco", "demo"]
@@ -136,24 +137,32 @@ def test_robustness_and_straggler_experiments_and_their_report(tmp_path):
     tiny = ("train.steps=4", "algorithm.inner_steps=2", "model.n_embd=16", "data.seq_len=16",
             "train.eval_sequences=4", "train.eval_every=2", *QUIET)  # fmt: skip
     rob, strag = tmp_path / "robustness", tmp_path / "stragglers"
+    gauntlet = tmp_path / "robustness_gauntlet"
     out = cli("experiment=robustness", "attack=none,sign_flip", f"hydra.sweep.dir={rob}", *tiny)
     assert out.returncode == 0, out.stderr
-    assert len(list(rob.rglob("summary.json"))) == 2 * 8  # every defense
+    assert len(list(rob.rglob("summary.json"))) == 2 * 7  # every aggregator
+    out = cli("experiment=robustness_gauntlet", "attack=none,sign_flip",
+              f"hydra.sweep.dir={gauntlet}", *tiny)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert len(list(gauntlet.rglob("summary.json"))) == 2  # the validator as the defense
     out = cli("experiment=stragglers", f"hydra.sweep.dir={strag}", *tiny)
     assert out.returncode == 0, out.stderr
     report = subprocess.run(
-        [sys.executable, "experiments/robustness.py", str(rob), "--stragglers", str(strag),
-         "--out", str(tmp_path / "table.md")],
+        [sys.executable, "experiments/robustness.py", str(rob), str(gauntlet),
+         "--stragglers", str(strag), "--out", str(tmp_path / "table.md")],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "table.md").read_text()
     assert "| sign_flip |" in table and "| longtail | deadline |" in table
+    header = next(line for line in table.splitlines() if line.startswith("| attack | mean"))
+    assert header.endswith("| nnm | gauntlet |")
 
 
 def test_every_experiment_config_is_tested():
     names = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
-    assert names == {"debug", "diloco_vs_ddp", "demo_vs_ddp", "comm_methods", "robustness",
+    assert names == {"debug", "diloco_vs_ddp", "demo_vs_ddp", "comm_methods",
+                     "comm_methods_codecs", "robustness", "robustness_gauntlet",
                      "stragglers"}  # fmt: skip
 
 

@@ -7,22 +7,30 @@ import math
 import pytest
 import torch
 
-from diloco.comm.codecs import (
+from diloco.config import ConfigError
+from diloco.exchange.codecs import (
     Compose,
     Encoded,
     ErrorFeedback,
     Int4,
     Int8,
     TopK,
-    build_codec,
     index_bits,
     nbytes_per_worker,
     pack_bits,
     unpack_bits,
 )
-from diloco.config import ConfigError
+from diloco.train import check_groups
+from tests.helpers import node, plugin
 
 SHAPES = [(1, 1), (2, 7), (3, 100), (2, 257), (4, 1000)]
+
+
+def compose(**kwargs):
+    """A sparsifier composed with a value codec (conf/codec/sparseloco.yaml is one)."""
+    from diloco.config import from_dict
+
+    return Compose(from_dict(Compose.Config, kwargs, "codec"))
 
 
 def rows(n, p, seed=0):
@@ -59,16 +67,16 @@ def test_index_bits():
 def test_half_precisions_relative_error(name, dtype, eps):
     x = rows(3, 100)
     x = x.sign() * x.abs().clamp(min=1e-3)  # normal range of fp16
-    enc = build_codec(name).encode(x)
+    enc = plugin("codec", name).encode(x)
     assert enc.values.dtype == dtype
-    out = build_codec(name).decode(enc)
+    out = plugin("codec", name).decode(enc)
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert ((out - x).abs() <= eps * x.abs()).all()
 
 
 def test_none_is_identity():
     x = rows(2, 9)
-    codec = build_codec("none")
+    codec = plugin("codec", "none")
     assert torch.equal(codec.decode(codec.encode(x)), x)
 
 
@@ -85,7 +93,7 @@ def test_int_quant_error_within_half_scale(name, qmax, scale_dtype, n, p):
     block = 32
     x = rows(n, p)
     x[0, :block] = 0.0  # an all-zero block (scale 0) must not divide by zero
-    codec = build_codec(name, block=block, scale_dtype=scale_dtype)
+    codec = plugin("codec", name, block=block, scale_dtype=scale_dtype)
     enc = codec.encode(x)
     out = codec.decode(enc)
     assert enc.scales is not None
@@ -102,19 +110,19 @@ def test_int_quant_error_within_half_scale(name, qmax, scale_dtype, n, p):
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_stochastic_rounding_is_unbiased(name):
     x = torch.linspace(-1, 1, 64).repeat(2, 1)
-    codec = build_codec(name, block=16, stochastic=True, seed=3)
+    codec = plugin("codec", name, block=16, stochastic=True, seed=3)
     runs = torch.stack([codec.decode(codec.encode(x)) for _ in range(400)])
     scale = block_scales(x, 16, codec.qmax).repeat_interleave(16, dim=1)
     assert ((runs - x).abs() <= scale + 1e-6).all()
     # std of one draw <= scale/2, so the mean of 400 has std <= scale/40: allow 5 sigma
     assert ((runs.mean(0) - x).abs() <= scale / 8).all()
     # and the rounding is actually random: deterministic rounding would be biased here
-    det = build_codec(name, block=16).decode(build_codec(name, block=16).encode(x))
+    det = plugin("codec", name, block=16).decode(plugin("codec", name, block=16).encode(x))
     assert (runs.mean(0) - x).abs().mean() < (det - x).abs().mean() / 3
 
 
 def test_stochastic_state_dict_replays():
-    codec = build_codec("int4", stochastic=True, seed=1)
+    codec = plugin("codec", "int4", stochastic=True, seed=1)
     x = rows(2, 50)
     state = codec.state_dict()
     first = codec.encode(x).values
@@ -125,7 +133,7 @@ def test_stochastic_state_dict_replays():
 def test_sign_is_scaled_sign():
     x = rows(3, 21) + 0.01 * torch.sign(rows(3, 21, 1))
     x[x == 0] = 1.0
-    codec = build_codec("sign")
+    codec = plugin("codec", "sign")
     enc = codec.encode(x)
     scale = x.abs().mean(1, keepdim=True)
     torch.testing.assert_close(codec.decode(enc), scale * torch.sign(x))
@@ -135,7 +143,7 @@ def test_sign_is_scaled_sign():
 @pytest.mark.parametrize("n,p", [(1, 1), (2, 7), (3, 300)])
 def test_sparsifiers_exact_on_kept_zero_elsewhere(name, n, p):
     x = rows(n, p) + 1e-3
-    codec = build_codec(name, k=min(5, p))
+    codec = plugin("codec", name, k=min(5, p))
     out = codec.decode(codec.encode(x))
     kept = out != 0
     assert (kept.sum(1) == min(5, p)).all()
@@ -146,24 +154,24 @@ def test_sparsifiers_exact_on_kept_zero_elsewhere(name, n, p):
 
 
 def test_topk_fraction_and_k_precedence():
-    assert build_codec("topk", fraction=0.1).num_values(95) == 10
-    assert build_codec("topk", fraction=1e-6).num_values(95) == 1
-    assert build_codec("topk", k=7, fraction=0.5).num_values(95) == 7
-    assert build_codec("topk", k=700).num_values(95) == 95
+    assert plugin("codec", "topk", fraction=0.1).num_values(95) == 10
+    assert plugin("codec", "topk", fraction=1e-6).num_values(95) == 1
+    assert plugin("codec", "topk", k=7, fraction=0.5).num_values(95) == 7
+    assert plugin("codec", "topk", k=700).num_values(95) == 95
 
 
 def test_dct_topk_full_is_exact_and_sparse_is_close():
     x = rows(2, 100)
-    full = build_codec("dct_topk", chunk=16, k=16)
+    full = plugin("codec", "dct_topk", chunk=16, k=16)
     torch.testing.assert_close(full.decode(full.encode(x)), x, atol=1e-5, rtol=1e-5)
     smooth = torch.linspace(0, 1, 96).repeat(2, 1)
-    sparse = build_codec("dct_topk", chunk=32, k=4)
+    sparse = plugin("codec", "dct_topk", chunk=32, k=4)
     assert (sparse.decode(sparse.encode(smooth)) - smooth).abs().max() < 0.02
 
 
 def test_compose_topk_int4():
     x = rows(3, 200)
-    codec = build_codec("compose", sparsifier={"name": "topk", "k": 12}, values={"name": "int4"})
+    codec = compose(sparsifier=node("codec", "topk", k=12), values=node("codec", "int4"))
     assert isinstance(codec, Compose) and codec.name == "topk+int4"
     top, q = TopK(TopK.Config(k=12)), Int4(Int4.Config(block=128))
     sparse = top.encode(x)
@@ -210,7 +218,7 @@ CASES = [
 @pytest.mark.parametrize("name,kw", CASES)
 @pytest.mark.parametrize("n,p", SHAPES)
 def test_bytes_match_formula(name, kw, n, p):
-    enc = build_codec(name, **kw).encode(rows(n, p))
+    enc = plugin("codec", name, **kw).encode(rows(n, p))
     for t in (enc.values, enc.indices, enc.scales):
         assert t is None or t.shape[0] == n
     assert nbytes_per_worker(enc) == enc.nbytes_per_worker() == expected_nbytes(name, p, kw)
@@ -219,13 +227,13 @@ def test_bytes_match_formula(name, kw, n, p):
 @pytest.mark.parametrize("values", ["int4", "sign"])
 @pytest.mark.parametrize("n,p", SHAPES)
 def test_compose_bytes_match_formula(values, n, p):
-    codec = build_codec("compose", sparsifier={"name": "topk", "k": 5}, values={"name": values})
+    codec = compose(sparsifier=node("codec", "topk", k=5), values=node("codec", values))
     assert nbytes_per_worker(codec.encode(rows(n, p))) == expected_nbytes(f"topk+{values}", p, {})
 
 
 def test_int4_packs_two_per_byte_and_int8_is_int8():
-    assert build_codec("int4").encode(rows(2, 9)).values.shape == (2, 5)
-    assert build_codec("int8").encode(rows(2, 9)).values.dtype == torch.int8
+    assert plugin("codec", "int4").encode(rows(2, 9)).values.shape == (2, 5)
+    assert plugin("codec", "int8").encode(rows(2, 9)).values.dtype == torch.int8
 
 
 SPECS = [
@@ -234,13 +242,15 @@ SPECS = [
     ("sign", {}),
     ("int4", {"block": 8, "stochastic": True}),
     ("dct_topk", {"chunk": 8, "k": 2}),
-    ("compose", {"sparsifier": {"name": "topk", "k": 4}, "values": {"name": "int8"}}),
 ]
 
 
-@pytest.mark.parametrize("name,kw", SPECS)
+SPARSE_INT8 = {"sparsifier": node("codec", "topk", k=4), "values": node("codec", "int8")}
+
+
+@pytest.mark.parametrize("name,kw", [*SPECS, ("compose", SPARSE_INT8)])
 def test_error_feedback_conserves_mass(name, kw):
-    ef = ErrorFeedback(build_codec(name, **kw))
+    ef = ErrorFeedback(compose(**kw) if name == "compose" else plugin("codec", name, **kw))
     inputs = [rows(3, 37, seed) for seed in range(6)]
     sent = sum(ef.decode(ef.encode(x)) for x in inputs)
     assert ef.residual is not None
@@ -248,7 +258,7 @@ def test_error_feedback_conserves_mass(name, kw):
 
 
 def test_error_feedback_rule_and_state_dict():
-    ef = ErrorFeedback(build_codec("topk", k=1), decay=0.5)
+    ef = ErrorFeedback(plugin("codec", "topk", k=1), decay=0.5)
     x = torch.tensor([[1.0, 2.0, -4.0], [4.0, 0.5, 0.1]])
     ef.encode(x)
     torch.testing.assert_close(ef.residual, torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.5, 0.1]]))
@@ -256,20 +266,20 @@ def test_error_feedback_rule_and_state_dict():
     out = ef.decode(ef.encode(x))  # e = 0.5 * r + x
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, -4.0], [4.0, 0.0, 0.0]]))
     torch.testing.assert_close(ef.residual, torch.tensor([[1.5, 3.0, 0.0], [0.0, 0.75, 0.15]]))
-    fresh = ErrorFeedback(build_codec("topk", k=1), decay=0.5)
+    fresh = ErrorFeedback(plugin("codec", "topk", k=1), decay=0.5)
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh.decode(fresh.encode(x)), out)
 
 
 def test_registry_errors():
-    with pytest.raises(ConfigError, match="codec.name"):
-        build_codec("zip")
+    with pytest.raises(ConfigError, match="codec=zip: unknown; allowed: bf16"):
+        check_groups(["codec=zip"])
     with pytest.raises(ConfigError, match=r"codec.block=0: must be >= 1"):
-        build_codec("int8", block=0)
+        plugin("codec", "int8", block=0)
     with pytest.raises(ConfigError, match="codec.bogus"):
-        build_codec("topk", bogus=1)
+        plugin("codec", "topk", bogus=1)
     with pytest.raises(ConfigError, match="not a sparsifier"):
-        build_codec("compose", sparsifier={"name": "int8"})
+        compose(sparsifier=node("codec", "int8"))
     with pytest.raises(ConfigError):
         ErrorFeedback(Int8(), decay=1.5)
     assert math.isclose(ErrorFeedback(Int8(), decay=0.9).decay, 0.9)

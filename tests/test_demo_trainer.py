@@ -15,7 +15,7 @@ DEMO = (*TINY, "algorithm=demo", "optimizer.compression_topk=4", "optimizer.comp
 
 def test_demo_workers_stay_bitwise_identical_and_bytes_match_payload(tmp_path):
     k, steps = 3, 6
-    trainer = Trainer(
+    trainer = Trainer.from_config(
         make_config(*DEMO, f"workers.count={k}", f"train.steps={steps}"),
         tmp_path,
         synthetic_corpus(),
@@ -50,11 +50,11 @@ def test_demo_with_full_k_is_sign_sgd_on_the_mean_gradient(tmp_path):
     )
     cfg = make_config(*overrides)
     corpus = synthetic_corpus()
-    probe = Trainer(cfg, tmp_path / "probe", corpus)
+    probe = Trainer.from_config(cfg, tmp_path / "probe", corpus)
     probe.group.forward_backward([s.next_batch() for s in probe.samplers])
     mean_grad = probe.group.grads.mean(0)
     expected = probe.group.params[0] - cfg.optimizer["lr"] * mean_grad.sign()
-    trainer = Trainer(cfg, tmp_path / "run", corpus)
+    trainer = Trainer.from_config(cfg, tmp_path / "run", corpus)
     trainer.fit()
     got = trainer.group.params[0]
     differ = ~torch.isclose(got, expected, rtol=0, atol=1e-7)
@@ -67,14 +67,16 @@ def test_demo_with_full_k_is_sign_sgd_on_the_mean_gradient(tmp_path):
 def test_demo_needs_demo_optimizer(tmp_path):
     cfg = make_config(*TINY, "algorithm=demo", "optimizer=adamw")
     with pytest.raises(ConfigError, match="optimizer=demo"):
-        Trainer(cfg, tmp_path, synthetic_corpus())
+        Trainer.from_config(cfg, tmp_path, synthetic_corpus())
 
 
 def test_compact_indices_halve_the_bytes_without_changing_the_model(tmp_path):
     corpus = synthetic_corpus()
     common = (*DEMO, "workers.count=2", "train.steps=4")
-    wide = Trainer(make_config(*common), tmp_path / "a", corpus)
-    narrow = Trainer(make_config(*common, "optimizer.index_dtype=auto"), tmp_path / "b", corpus)
+    wide = Trainer.from_config(make_config(*common), tmp_path / "a", corpus)
+    narrow = Trainer.from_config(
+        make_config(*common, "optimizer.index_dtype=auto"), tmp_path / "b", corpus
+    )
     wide_bytes = wide.fit()["comm_bytes_per_worker"]
     narrow_bytes = narrow.fit()["comm_bytes_per_worker"]
     assert torch.equal(wide.group.params, narrow.group.params)
@@ -84,7 +86,7 @@ def test_compact_indices_halve_the_bytes_without_changing_the_model(tmp_path):
 
 def test_bf16_values_from_config(tmp_path):
     overrides = (*DEMO, "workers.count=2", "train.steps=2", "optimizer.value_dtype=bfloat16")
-    trainer = Trainer(make_config(*overrides), tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(make_config(*overrides), tmp_path, synthetic_corpus())
     payload_bytes = trainer.fit()["comm_bytes_per_worker"] / 2  # 2 steps, 1 peer
     chunks_k = sum(t.numel() for t in trainer.group.optimizers[0].encode()[0::2])
     assert payload_bytes == chunks_k * (8 + 2)
@@ -92,7 +94,7 @@ def test_bf16_values_from_config(tmp_path):
 
 @pytest.mark.parametrize("corrupt", ["index_out_of_range", "nan_values"])
 def test_bad_peer_payloads_are_excluded_without_a_crash(tmp_path, corrupt, caplog):
-    trainer = Trainer(
+    trainer = Trainer.from_config(
         make_config(*DEMO, "workers.count=3", "train.steps=3"), tmp_path, synthetic_corpus()
     )
     gather = trainer.comm.all_gather_parts

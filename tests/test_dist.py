@@ -205,7 +205,7 @@ def test_fewer_workers_than_ranks_is_a_config_error():
 
 def test_torchdist_without_torchrun_is_a_one_line_error(corpus, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "diloco.train", *tiny(tmp_path, corpus, "comm.backend=torchdist")],
+        [sys.executable, "-m", "diloco.train", *tiny(tmp_path, corpus, "comm=torchdist")],
         cwd=REPO,
         env={k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")},
         capture_output=True,
@@ -213,7 +213,7 @@ def test_torchdist_without_torchrun_is_a_one_line_error(corpus, tmp_path):
         timeout=120,
     )
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith("error: comm.backend=torchdist")
+    assert out.stderr.strip().splitlines()[-1].startswith("error: comm=torchdist")
     assert "torchrun" in out.stderr
 
 
@@ -222,7 +222,7 @@ PEER = textwrap.dedent(
     import os, sys, time, torch, torch.distributed as dist
     from diloco.comm.torchdist import CommError, TorchDistComm, init_from_env
     init_from_env(torch.device("cpu"), "gloo", timeout_s=2.0)
-    comm = TorchDistComm(4, timeout_s=2.0)
+    comm = TorchDistComm(num_workers=4, timeout_s=2.0)
     if comm.rank == 1:
         if sys.argv[1] == "stall":
             time.sleep(8)
@@ -327,7 +327,7 @@ def test_resuming_with_another_number_of_ranks_is_a_one_line_error(tmp_path):
 
     for r in (0, 1):
         checkpoint.save({"step": 4}, tmp_path / f"checkpoint-rank{r}.pt")
-    trainer = Trainer(make_config(*TINY, "resume=true"), tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(make_config(*TINY, "resume=true"), tmp_path, synthetic_corpus())
     with pytest.raises(ConfigError, match="written by 2 ranks; this run has 1"):
         trainer.maybe_resume()
 
@@ -342,7 +342,7 @@ def test_packed_gather_round_trips_every_dtype_at_any_offset(k, tmp_path):
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        comm = TorchDistComm(k)
+        comm = TorchDistComm(num_workers=k)
         parts = [
             torch.tensor([[1], [-2]], dtype=torch.int8),  # 1 byte: the next part is unaligned
             torch.tensor([[1.5, -2.25], [3.0, 1e300]], dtype=torch.float64),

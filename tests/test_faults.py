@@ -34,18 +34,21 @@ def test_random_churn_is_seeded_and_rejoins():
 
 
 def test_crashed_worker_is_left_out_then_rejoins_from_the_global_model(tmp_path):
-    trainer = Trainer(make_config(*FEDAVG, "faults=crash_rejoin"), tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(
+        make_config(*FEDAVG, "faults=crash_rejoin"), tmp_path, synthetic_corpus()
+    )
     seen = []
     sync = trainer._sync
 
-    def spy(steps=None):
+    def spy(steps=None, plan=None):
         before = trainer.group.params.clone()
-        sync(steps)
+        overlap = sync(steps, plan)
         seen.append((steps, before, trainer.group.global_param.data.clone()))
         # after every sync every row, the absent worker's included, holds the global model
         assert all(
             torch.equal(row, trainer.group.global_param.data) for row in trainer.group.params
         )
+        return overlap
 
     trainer._sync = spy
     trainer.fit()
@@ -61,13 +64,15 @@ def test_crashed_worker_is_left_out_then_rejoins_from_the_global_model(tmp_path)
 
 def test_faults_need_local_rounds(tmp_path):
     with pytest.raises(ConfigError, match="faults"):
-        Trainer(make_config(*TINY, "algorithm=ddp", "faults=churn"), tmp_path, synthetic_corpus())
+        Trainer.from_config(
+            make_config(*TINY, "algorithm=ddp", "faults=churn"), tmp_path, synthetic_corpus()
+        )
 
 
 def test_churn_worker_preset_selects_the_churn_faults(tmp_path):
     cfg = make_config(*TINY, "workers=churn", "workers.count=4", "algorithm.inner_steps=2",
                       "train.steps=40")  # fmt: skip
     assert cfg.faults.rate == 0.1 and cfg.workers.profile == "homogeneous"
-    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     trainer.fit()
     assert trainer.worker_steps.min() < 40  # someone left for a while

@@ -16,7 +16,7 @@ DILOCO = (*TINY, "workers.count=4", "algorithm.inner_steps=5", "train.steps=40")
 
 
 def run(tmp_path, *overrides):
-    trainer = Trainer(make_config(*DILOCO, *overrides), tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(make_config(*DILOCO, *overrides), tmp_path, synthetic_corpus())
     return trainer, trainer.fit()
 
 
@@ -32,16 +32,16 @@ def test_int8_codec_bytes_follow_the_encoding(tmp_path):
 
 def test_error_feedback_state_survives_a_checkpoint(tmp_path):
     overrides = ("codec=topk", "codec.fraction=0.05")
-    a = Trainer(make_config(*DILOCO, *overrides), tmp_path / "a", synthetic_corpus())
+    a = Trainer.from_config(make_config(*DILOCO, *overrides), tmp_path / "a", synthetic_corpus())
     a.fit()
-    b = Trainer(make_config(*DILOCO, *overrides), tmp_path / "b", synthetic_corpus())
+    b = Trainer.from_config(make_config(*DILOCO, *overrides), tmp_path / "b", synthetic_corpus())
     for _ in range(4):  # stop half way, as a killed run would
         for _ in range(5):
             b._inner_step()
         b._sync()
     state = b.state_dict()
     assert state["exchange"]["streams"][""]["codec"]["residual"].abs().sum() > 0
-    c = Trainer(make_config(*DILOCO, *overrides), tmp_path / "c", synthetic_corpus())
+    c = Trainer.from_config(make_config(*DILOCO, *overrides), tmp_path / "c", synthetic_corpus())
     c.load_state_dict(state)
     c.fit()
     assert torch.equal(a.group.global_param.data, c.group.global_param.data)
@@ -68,7 +68,7 @@ def test_malformed_payloads_are_excluded_and_the_run_goes_on(tmp_path, kind, cap
 def test_excluded_payloads_are_logged_as_metrics(tmp_path):
     from diloco.metrics import JsonlLogger
 
-    trainer = Trainer(
+    trainer = Trainer.from_config(
         make_config(*DILOCO, "attack=malformed", "attack.kind=nan"), tmp_path, synthetic_corpus()
     )
     logger = JsonlLogger(tmp_path / "metrics.jsonl")
@@ -98,8 +98,8 @@ def test_sparse_payloads_are_all_gathered(tmp_path):
 
 def test_sparseloco_config_runs(tmp_path):
     cfg = make_config(*DILOCO, "algorithm=sparseloco", "codec.sparsifier.fraction=0.2")
-    assert cfg.codec["name"] == "compose" and cfg.algorithm["name"] == "sparseloco"
-    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    assert cfg.codec["_target_"].endswith(".Compose") and cfg.algorithm["name"] == "sparseloco"
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     before = trainer.evaluate()
     summary = trainer.fit()
     assert summary["final_eval_loss"] < before - 0.2
@@ -108,7 +108,7 @@ def test_sparseloco_config_runs(tmp_path):
 @pytest.mark.parametrize("codec", sorted(p.stem for p in (REPO / "conf" / "codec").glob("*.yaml")))
 def test_every_codec_config_trains(tmp_path, codec):
     cfg = make_config(*DILOCO, f"codec={codec}", "train.steps=10")
-    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     before = trainer.evaluate()
     summary = trainer.fit()
     assert summary["final_eval_loss"] < before
@@ -129,13 +129,13 @@ def test_every_codec_config_trains(tmp_path, codec):
 )
 def test_bad_exchange_settings_fail_before_training(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
-        Trainer(make_config(*DILOCO, *overrides), tmp_path, synthetic_corpus())
+        Trainer.from_config(make_config(*DILOCO, *overrides), tmp_path, synthetic_corpus())
 
 
 def test_demo_rejects_exchange_plugins_it_bypasses(tmp_path):
     cfg = make_config(*TINY, "algorithm=demo", "attack=sign_flip")
     with pytest.raises(ConfigError, match="algorithm=demo"):
-        Trainer(cfg, tmp_path, synthetic_corpus())
+        Trainer.from_config(cfg, tmp_path, synthetic_corpus())
 
 
 def test_streaming_keeps_aggregator_and_attack_state_per_fragment(tmp_path):

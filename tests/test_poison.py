@@ -41,8 +41,10 @@ def test_poisoned_sampler_resumes_exactly():
 def test_poisoned_worker_hurts_the_mean_in_training(tmp_path):
     common = (*TINY, "workers.count=3", "algorithm.inner_steps=5", "train.steps=40")
     corpus = synthetic_corpus()
-    honest = Trainer(make_config(*common), tmp_path / "h", corpus).fit()["final_eval_loss"]
-    trainer = Trainer(
+    honest = Trainer.from_config(make_config(*common), tmp_path / "h", corpus).fit()[
+        "final_eval_loss"
+    ]
+    trainer = Trainer.from_config(
         make_config(*common, "attack=poison", "attack.mode=random", "attack.num_byzantine=1"),
         tmp_path / "p",
         corpus,
@@ -51,4 +53,6 @@ def test_poisoned_worker_hurts_the_mean_in_training(tmp_path):
     assert not isinstance(trainer.samplers[0], PoisonedSampler)
     assert trainer.fit()["final_eval_loss"] > honest + 0.05
     with pytest.raises(ConfigError, match="attack.mode"):
-        Trainer(make_config(*common, "attack=poison", "attack.mode=flip"), tmp_path, corpus)
+        Trainer.from_config(
+            make_config(*common, "attack=poison", "attack.mode=flip"), tmp_path, corpus
+        )

@@ -36,7 +36,7 @@ def test_straggler_sets_the_pace_of_compute_and_of_the_exchange(tmp_path):
     cfg = make_config(*TINY, "workers=straggler", f"workers.count={k}", "workers.step_time_s=0.1",
                       f"train.steps={steps}", f"algorithm.inner_steps={h}",
                       f"comm.bandwidth_mbps={bw}")  # fmt: skip
-    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     summary = trainer.fit()
     d = 4 * trainer.group.num_params
     per_sync = 2 * (k - 1) / k * d / (0.25 * bw * 125_000)  # slowest link: a quarter of bw

@@ -17,7 +17,7 @@ def test_curves_summaries_and_plot(tmp_path):
     cfg = make_config(*TINY, "workers.count=2", "algorithm.inner_steps=5", "train.steps=20",
                       "train.eval_every=10")  # fmt: skip
     run_dir = tmp_path / "run"
-    trainer = Trainer(cfg, run_dir, synthetic_corpus())
+    trainer = Trainer.from_config(cfg, run_dir, synthetic_corpus())
     logger = JsonlLogger(run_dir / "metrics.jsonl")
     summary = trainer.fit(logger)
     logger.close()

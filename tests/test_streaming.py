@@ -21,13 +21,13 @@ def corpus():
 
 
 def streaming(tmp_path, corpus, *overrides):
-    return Trainer(make_config(*STREAMING, *overrides), tmp_path, corpus)
+    return Trainer.from_config(make_config(*STREAMING, *overrides), tmp_path, corpus)
 
 
 def test_p1_tau0_alpha0_equals_diloco(tmp_path, corpus):
     common = (*TINY, "workers.count=3", "algorithm.inner_steps=4", "train.steps=14")
-    diloco = Trainer(make_config(*common), tmp_path / "a", corpus)
-    stream = Trainer(
+    diloco = Trainer.from_config(make_config(*common), tmp_path / "a", corpus)
+    stream = Trainer.from_config(
         make_config(
             *common,
             "algorithm=streaming_diloco",
@@ -84,9 +84,9 @@ def test_fragments_synced_in_alternation(tmp_path, corpus):
         for _ in range(2):
             t._inner_step()
         before, rows = t.group.global_param.data.clone(), t.group.params.clone()
-        t._sync()
         f = r % 2
-        assert alg.payload_key == f"fragment{f}"
+        assert alg.payload(t.group).key == f"fragment{f}"
+        t._sync()
         changed = (t.group.global_param.data != before).nonzero().squeeze(1)
         mine, other = alg.indices[f], alg.indices[1 - f]
         assert len(changed) > 0.9 * len(mine)
@@ -104,14 +104,14 @@ def test_tau_delays_merge_by_exactly_tau_steps(tmp_path, corpus):
                   f"algorithm.tau={tau}", f"algorithm.alpha={alpha}", "train.steps=16")  # fmt: skip
     alg = t.algorithm
     seen = []
-    original = alg.after_step
+    original = alg._merge
 
-    def spy(group, step):
+    def spy(group, f):
         before = group.params.clone()
-        original(group, step)
-        seen.append((step, before, group.params.clone()))
+        original(group, f)
+        seen.append((alg.steps_done, before, group.params.clone()))
 
-    alg.after_step = spy  # type: ignore[method-assign]
+    alg._merge = spy  # type: ignore[method-assign]
     for _ in range(4):
         t._inner_step()
     rows_before = t.group.params.clone()
@@ -122,13 +122,11 @@ def test_tau_delays_merge_by_exactly_tau_steps(tmp_path, corpus):
     for _ in range(4):
         t._inner_step()
     idx0, idx1 = alg.indices
-    for step, before, after in seen[4:]:
-        if step == 4 + tau:
-            want = (1 - alpha) * glob[idx0][None] + alpha * before[:, idx0]
-            torch.testing.assert_close(after[:, idx0], want, rtol=0, atol=1e-7)
-            assert torch.equal(after[:, idx1], before[:, idx1])
-        else:
-            assert torch.equal(after, before), step
+    assert [step for step, _, _ in seen] == [4 + tau]  # merged once, exactly tau steps late
+    for _, before, after in seen:
+        want = (1 - alpha) * glob[idx0][None] + alpha * before[:, idx0]
+        torch.testing.assert_close(after[:, idx0], want, rtol=0, atol=1e-7)
+        assert torch.equal(after[:, idx1], before[:, idx1])
     assert alg.pending == []
     with pytest.raises(ConfigError, match=r"algorithm\.tau=8"):
         streaming(tmp_path / "bad", corpus, "algorithm.inner_steps=8", "algorithm.tau=8")
@@ -148,8 +146,8 @@ def test_tau_beyond_round_keeps_several_fragments_in_flight(tmp_path, corpus):
 
 def test_bytes_over_h_steps_equal_one_diloco_sync(tmp_path, corpus):
     common = (*TINY, "workers.count=4", "train.steps=20", "algorithm.inner_steps=10")
-    dil = Trainer(make_config(*common), tmp_path / "a", corpus).fit()
-    st = Trainer(
+    dil = Trainer.from_config(make_config(*common), tmp_path / "a", corpus).fit()
+    st = Trainer.from_config(
         make_config(*common, "algorithm=streaming_diloco", "algorithm.fragments=2"),
         tmp_path / "b",
         corpus,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diloco.config import ConfigError
-from diloco.sync import steps_per_worker
+from diloco.profiles import Profiles
+from diloco.sync import All, Deadline
 from diloco.trainer import Trainer
 from tests.helpers import TINY, make_config, synthetic_corpus
 
@@ -15,15 +16,19 @@ FEDAVG = (*TINY, "algorithm=fedavg", "workers.count=4", "algorithm.inner_steps=8
 
 
 def test_steps_per_worker():
-    assert steps_per_worker("all", 8, [1.0, 0.25], 1.0) == [8, 8]
-    assert steps_per_worker("deadline", 8, [1.0, 0.25, 2.0, 0.1], 1.0) == [8, 2, 8, 0]
-    assert steps_per_worker("deadline", 8, [1.0, 0.25], 0.5) == [4, 1]
+    def steps(policy, budget, speeds):
+        cfg = policy.Config(budget) if policy is Deadline else policy.Config()
+        return policy(cfg, inner_steps=8, profiles=Profiles((), ())).steps_for(8, speeds)
+
+    assert steps(All, 1.0, [1.0, 0.25]) == [8, 8]
+    assert steps(Deadline, 1.0, [1.0, 0.25, 2.0, 0.1]) == [8, 2, 8, 0]
+    assert steps(Deadline, 0.5, [1.0, 0.25]) == [4, 1]
 
 
 def test_deadline_with_equal_speeds_equals_all(tmp_path):
     corpus = synthetic_corpus()
-    a = Trainer(make_config(*FEDAVG), tmp_path / "a", corpus)
-    b = Trainer(make_config(*FEDAVG, "sync=deadline"), tmp_path / "b", corpus)
+    a = Trainer.from_config(make_config(*FEDAVG), tmp_path / "a", corpus)
+    b = Trainer.from_config(make_config(*FEDAVG, "sync=deadline"), tmp_path / "b", corpus)
     sa, sb = a.fit(), b.fit()
     assert torch.equal(a.group.global_param.data, b.group.global_param.data)
     assert sa["final_eval_loss"] == sb["final_eval_loss"]
@@ -31,7 +36,7 @@ def test_deadline_with_equal_speeds_equals_all(tmp_path):
 
 
 def test_deadline_weights_payloads_by_steps_run(tmp_path):
-    trainer = Trainer(
+    trainer = Trainer.from_config(
         make_config(
             *FEDAVG,
             "sync=deadline",
@@ -45,10 +50,11 @@ def test_deadline_weights_payloads_by_steps_run(tmp_path):
     seen = []
     sync = trainer._sync
 
-    def spy(steps=None):
+    def spy(steps=None, plan=None):
         seen.append((trainer.group.params.clone(), steps))
-        sync(steps)
+        overlap = sync(steps, plan)
         seen[-1] += (trainer.group.global_param.data.clone(),)
+        return overlap
 
     trainer._sync = spy
     summary = trainer.fit()
@@ -65,10 +71,12 @@ def test_deadline_weights_payloads_by_steps_run(tmp_path):
 
 def test_all_waits_for_the_straggler(tmp_path):
     cfg = make_config(*FEDAVG, "workers=straggler", "workers.count=4", "workers.step_time_s=0.1")
-    summary = Trainer(cfg, tmp_path, synthetic_corpus()).fit()
+    summary = Trainer.from_config(cfg, tmp_path, synthetic_corpus()).fit()
     assert summary["sim_time_s"] - summary["comm_time_s"] == pytest.approx(16 * 0.1 * 4)
 
 
 def test_deadline_needs_local_steps(tmp_path):
     with pytest.raises(ConfigError, match="sync=deadline"):
-        Trainer(make_config(*TINY, "algorithm=ddp", "sync=deadline"), tmp_path, synthetic_corpus())
+        Trainer.from_config(
+            make_config(*TINY, "algorithm=ddp", "sync=deadline"), tmp_path, synthetic_corpus()
+        )

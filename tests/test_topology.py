@@ -13,9 +13,9 @@ from diloco.comm.topology import (
     ParameterServer,
     RingAllGather,
     RingAllReduce,
-    build_topology,
 )
 from diloco.config import ConfigError
+from tests.helpers import make_config
 
 D = 1000.0
 
@@ -31,11 +31,13 @@ def textbook(name, n, d):
     }[name]
 
 
-@pytest.mark.parametrize("name", sorted(TOPOLOGIES))
+ALL = [RingAllReduce(), ButterflyAllReduce(), RingAllGather(), ParameterServer(), ObjectStore()]
+
+
+@pytest.mark.parametrize("topo", ALL, ids=[t.name for t in ALL])
 @pytest.mark.parametrize("n", [1, 2, 4, 7])
-def test_bytes_match_textbook(name, n):
-    topo = build_topology(name)
-    assert topo.name == name
+def test_bytes_match_textbook(topo, n):
+    name = topo.name
     sent, recv = topo.bytes(n, D)
     want_sent, want_recv, steps, server = textbook(name, n, D)
     assert sent.shape == recv.shape == (n,)
@@ -112,6 +114,16 @@ def test_network_model_scalars_and_single_worker():
         NetworkModel(0, 1).time(RingAllReduce(), 2, D)
 
 
+def test_comm_topology_choices():
+    # comm.topology names how a mean is reduced and how rows are gathered
+    assert {k: (r.name, g.name) for k, (r, g) in TOPOLOGIES.items()} == {
+        "ring": ("ring_allreduce", "ring_allgather"),
+        "butterfly": ("butterfly", "ring_allgather"),
+        "parameter_server": ("parameter_server", "object_store"),
+        "object_store": ("object_store", "object_store"),
+    }
+
+
 def test_unknown_topology():
-    with pytest.raises(ConfigError, match="topology.name"):
-        build_topology("mesh")
+    with pytest.raises(ConfigError, match="comm.topology"):
+        make_config("comm.topology=mesh")

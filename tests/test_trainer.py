@@ -51,7 +51,7 @@ def test_diloco_k1_h1_outer_sgd1_equals_plain_training(tmp_path):
         "train.steps=12",
     )
     corpus = synthetic_corpus()
-    trainer = Trainer(cfg, tmp_path, corpus)
+    trainer = Trainer.from_config(cfg, tmp_path, corpus)
     trainer.fit()
     expected = plain_training(cfg, corpus, worker_batches(cfg, corpus, 0, 12))
     torch.testing.assert_close(trainer.group.global_param.data, expected, rtol=0, atol=1e-6)
@@ -62,7 +62,7 @@ def test_ddp_k_workers_equals_one_worker_with_k_times_batch(tmp_path):
     k, steps = 3, 10
     cfg = make_config(*TINY, "algorithm=ddp", f"workers.count={k}", f"train.steps={steps}")
     corpus = synthetic_corpus()
-    trainer = Trainer(cfg, tmp_path, corpus)
+    trainer = Trainer.from_config(cfg, tmp_path, corpus)
     trainer.fit()
     per_worker = [worker_batches(cfg, corpus, i, steps) for i in range(k)]
     big = [
@@ -85,8 +85,8 @@ def test_ddp_k_workers_equals_one_worker_with_k_times_batch(tmp_path):
 def test_fedavg_equals_diloco_with_outer_sgd_lr1_and_averages_workers(tmp_path):
     common = (*TINY, "workers.count=3", "algorithm.inner_steps=4", "train.steps=8")
     corpus = synthetic_corpus()
-    fedavg = Trainer(make_config(*common, "algorithm=fedavg"), tmp_path / "a", corpus)
-    diloco = Trainer(
+    fedavg = Trainer.from_config(make_config(*common, "algorithm=fedavg"), tmp_path / "a", corpus)
+    diloco = Trainer.from_config(
         make_config(
             *common,
             "algorithm.outer_optimizer.lr=1.0",
@@ -112,8 +112,10 @@ def test_diloco_bytes_are_h_times_fewer_than_ddp(tmp_path):
     h, steps = 5, 20
     corpus = synthetic_corpus()
     common = (*TINY, "workers.count=4", f"train.steps={steps}")
-    ddp = Trainer(make_config(*common, "algorithm=ddp"), tmp_path / "a", corpus)
-    dil = Trainer(make_config(*common, f"algorithm.inner_steps={h}"), tmp_path / "b", corpus)
+    ddp = Trainer.from_config(make_config(*common, "algorithm=ddp"), tmp_path / "a", corpus)
+    dil = Trainer.from_config(
+        make_config(*common, f"algorithm.inner_steps={h}"), tmp_path / "b", corpus
+    )
     ddp_bytes = ddp.fit()["comm_bytes_per_worker"]
     dil_bytes = dil.fit()["comm_bytes_per_worker"]
     assert ddp_bytes == h * dil_bytes > 0
@@ -121,7 +123,7 @@ def test_diloco_bytes_are_h_times_fewer_than_ddp(tmp_path):
 
 def test_diloco_workers_resync_and_keep_inner_state(tmp_path):
     cfg = make_config(*TINY, "workers.count=2", "algorithm.inner_steps=3", "train.steps=6")
-    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     for _ in range(3):
         trainer._inner_step()
     assert not torch.equal(trainer.group.params[0], trainer.group.params[1])
@@ -136,7 +138,7 @@ def test_diloco_workers_resync_and_keep_inner_state(tmp_path):
 
 def test_training_reduces_eval_loss(tmp_path):
     cfg = make_config(*TINY, "workers.count=2", "algorithm.inner_steps=5", "train.steps=60")
-    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     before = trainer.evaluate()
     after = trainer.fit()["final_eval_loss"]
     assert after < before - 1.0
@@ -150,7 +152,7 @@ def test_modelled_time_is_compute_plus_ring_allreduce_time(tmp_path):
     runs = {"ddp": ("algorithm=ddp",), "diloco": (f"algorithm.inner_steps={h}",)}
     for algo, syncs in (("ddp", steps), ("diloco", steps // h)):
         cfg = make_config(*common, *runs[algo])
-        trainer = Trainer(cfg, tmp_path / algo, corpus)
+        trainer = Trainer.from_config(cfg, tmp_path / algo, corpus)
         summary = trainer.fit()
         d = 4 * trainer.group.num_params  # fp32 payload
         per_sync = 2 * (k - 1) / k * d / (100 * 125_000) + 2 * (k - 1) * 0.020
@@ -171,7 +173,7 @@ def test_topology_sets_bytes_per_worker(tmp_path, topology, sent, recv):
     k, rounds = 4, 2
     cfg = make_config(*TINY, f"workers.count={k}", "algorithm.inner_steps=5", "train.steps=10",
                       f"comm.topology={topology}")  # fmt: skip
-    trainer = Trainer(cfg, tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     trainer.fit()
     d = 4 * trainer.group.num_params
     assert trainer.comm.sent[0].item() == pytest.approx(rounds * sent(k, d), rel=1e-12)
@@ -186,7 +188,9 @@ def test_streaming_overlap_hides_tau_steps_of_communication(tmp_path):
     corpus = synthetic_corpus()
     times = {}
     for tau in (0, 2):
-        trainer = Trainer(make_config(*common, f"algorithm.tau={tau}"), tmp_path / f"{tau}", corpus)
+        trainer = Trainer.from_config(
+            make_config(*common, f"algorithm.tau={tau}"), tmp_path / f"{tau}", corpus
+        )
         summary = trainer.fit()
         times[tau] = (summary["sim_time_s"], summary["comm_time_s"])
     syncs = steps // 5
@@ -200,7 +204,7 @@ def test_what_if_bandwidths_model_the_same_run_at_other_speeds(tmp_path):
     cfg = make_config(*TINY, "workers.count=4", "algorithm=ddp", "train.steps=6",
                       "workers.step_time_s=0.1", "comm.bandwidth_mbps=1000",
                       "comm.what_if_mbps=[100,10]")  # fmt: skip
-    summary = Trainer(cfg, tmp_path, synthetic_corpus()).fit()
+    summary = Trainer.from_config(cfg, tmp_path, synthetic_corpus()).fit()
     comm = summary["comm_time_s"]
     assert summary["comm_time_s@100mbps"] == pytest.approx(10 * comm)
     assert summary["comm_time_s@10mbps"] == pytest.approx(100 * comm)

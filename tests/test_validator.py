@@ -13,7 +13,7 @@ COMMON = (*TINY, "workers.count=5", "algorithm.inner_steps=5", "train.steps=30",
 
 
 def run(tmp_path, *overrides):
-    trainer = Trainer(make_config(*COMMON, *overrides), tmp_path, synthetic_corpus())
+    trainer = Trainer.from_config(make_config(*COMMON, *overrides), tmp_path, synthetic_corpus())
     return trainer, trainer.fit()
 
 
@@ -34,5 +34,5 @@ def test_free_rider_and_poison_are_detected(tmp_path, attack):
 
 def test_validator_needs_full_pseudo_gradients(tmp_path):
     with pytest.raises(ConfigError, match="validator=gauntlet"):
-        Trainer(make_config(*TINY, "algorithm=ddp", "validator=gauntlet"), tmp_path,
+        Trainer.from_config(make_config(*TINY, "algorithm=ddp", "validator=gauntlet"), tmp_path,
                 synthetic_corpus())  # fmt: skip

@@ -1,11 +1,11 @@
 """Byzantine robustness: robust aggregators, attacks on payload rows, and payload validation.
 
-``build_aggregator(name, **kwargs)`` and ``build_attack(name, **kwargs)`` build from registry
-names; :func:`validate_payloads` screens untrusted per-worker payloads before aggregation.
+Each rule is a class built from its config node by ``_target_`` (``conf/aggregator/``,
+``conf/attack/``) or by hand (``Krum(f=2)``); :func:`validate_payloads` screens untrusted
+per-worker payloads before aggregation.
 """
 
 from diloco.adversary.aggregators import (
-    AGGREGATORS,
     NNM,
     Aggregator,
     Bucketing,
@@ -16,11 +16,9 @@ from diloco.adversary.aggregators import (
     Mean,
     MultiKrum,
     TrimmedMean,
-    build_aggregator,
 )
 from diloco.adversary.attacks import (
     ALIE,
-    ATTACKS,
     IPM,
     Attack,
     FreeRider,
@@ -31,14 +29,11 @@ from diloco.adversary.attacks import (
     NoAttack,
     SignFlip,
     Stale,
-    build_attack,
 )
 from diloco.adversary.validate import validate_payloads
 
 __all__ = [
-    "AGGREGATORS",
     "ALIE",
-    "ATTACKS",
     "IPM",
     "NNM",
     "Aggregator",
@@ -59,7 +54,5 @@ __all__ = [
     "SignFlip",
     "Stale",
     "TrimmedMean",
-    "build_aggregator",
-    "build_attack",
     "validate_payloads",
 ]

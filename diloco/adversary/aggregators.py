@@ -12,23 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from diloco.config import ConfigError, from_dict
-
-C = TypeVar("C")
+from diloco.config import ConfigError, configure, import_target
 
 
-def configure(cls: type[C], cfg: C | None, kwargs: dict[str, Any], key: str) -> C:
-    """Validate ``cfg`` (or build it from keyword arguments) against ``cls``'s declared bounds."""
-    if cfg is not None and kwargs:
-        raise TypeError(f"{key}: pass a Config or keyword arguments, not both")
-    if cfg is not None:
-        kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
-    return from_dict(cls, kwargs, key)
+def _rule(name: str) -> dict[str, Any]:
+    return {"_target_": f"{__name__}.{name}"}
 
 
 def _check_f(f: int, n: int) -> None:
@@ -278,19 +271,19 @@ class CenteredClipping(Aggregator):
         self.center = state["center"]
 
 
-def _inner(spec: str | dict[str, Any], f: int | None) -> Aggregator:
-    """Build an inner rule from a name or a ``{"name": ..., **kwargs}`` node; pass ``f`` down."""
-    node: dict[str, Any] = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name = node.pop("name", None)
-    if not isinstance(name, str) or name not in AGGREGATORS:
-        raise ConfigError("aggregator.inner", f"got {name!r}; allowed: {', '.join(AGGREGATORS)}")
-    if f is not None and any(fl.name == "f" for fl in dataclasses.fields(AGGREGATORS[name].Config)):
-        node.setdefault("f", f)
-    return build_aggregator(name, **node)
+def _inner(node: dict[str, Any], f: int | None) -> Aggregator:
+    """Build an inner rule from its ``_target_`` node; pass ``f`` down unless the node sets it."""
+    cls = import_target(node, "aggregator.inner")
+    if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
+        raise ConfigError("aggregator.inner._target_", f"{node['_target_']} is not an aggregator")
+    kwargs = {k: v for k, v in node.items() if k != "_target_"}
+    if f is not None and any(fl.name == "f" for fl in dataclasses.fields(cls.Config)):
+        kwargs.setdefault("f", f)
+    return cls(**kwargs)
 
 
 class _PreAggregation(Aggregator):
-    """A mixing step, then ``inner`` (a name, a ``{"name": ...}`` node or an Aggregator)."""
+    """A mixing step, then ``inner`` (a ``_target_`` node or an Aggregator)."""
 
     def __init__(self, cfg: Any = None, **kwargs: Any) -> None:
         given = kwargs.pop("inner") if isinstance(kwargs.get("inner"), Aggregator) else None
@@ -317,8 +310,8 @@ class NNM(_PreAggregation):
     """Nearest neighbour mixing (Allouah et al., AISTATS 2023, arXiv 2302.01772).
 
     Each row is replaced by the (weighted) mean of its ``n - f`` nearest rows, itself included;
-    the mixed rows then go to ``inner`` with the original weights. A named ``inner`` inherits
-    ``f`` unless its node sets one. Needs ``n > 2f``.
+    the mixed rows then go to ``inner`` with the original weights. ``inner`` inherits ``f``
+    unless its node sets one. Needs ``n > 2f``.
     """
 
     name = "nnm"
@@ -328,7 +321,7 @@ class NNM(_PreAggregation):
         """``f``: tolerated Byzantine rows; ``inner``: the rule applied after mixing."""
 
         f: int = field(default=1, metadata={"ge": 0})
-        inner: str | dict[str, Any] = "trimmed_mean"
+        inner: dict[str, Any] = field(default_factory=lambda: _rule("TrimmedMean"))
 
     def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         n = rows.shape[0]
@@ -355,7 +348,7 @@ class Bucketing(_PreAggregation):
         """``s``: bucket size; ``inner``: rule on the bucket means; ``seed``: shuffle seed."""
 
         s: int = field(default=2, metadata={"ge": 1})
-        inner: str | dict[str, Any] = "median"
+        inner: dict[str, Any] = field(default_factory=lambda: _rule("CoordinateMedian"))
         seed: int = field(default=0, metadata={"ge": 0})
 
     def __init__(self, cfg: Any = None, **kwargs: Any) -> None:
@@ -382,32 +375,3 @@ class Bucketing(_PreAggregation):
         """Restore the generator and the inner rule."""
         self.generator.set_state(state["generator"])
         super().load_state_dict(state)
-
-
-AGGREGATORS: dict[str, type[Aggregator]] = {
-    "mean": Mean,
-    "median": CoordinateMedian,
-    "trimmed_mean": TrimmedMean,
-    "geomed": GeometricMedian,
-    "krum": Krum,
-    "multikrum": MultiKrum,
-    "cclip": CenteredClipping,
-    "nnm": NNM,
-    "bucketing": Bucketing,
-}
-
-
-def build_aggregator(name: str, **kwargs: Any) -> Aggregator:
-    """Build an aggregator by registry name; bad names or values raise :class:`ConfigError`.
-
-    Example: ``build_aggregator("nnm", f=1, inner="trimmed_mean")`` is NNM followed by the
-    trimmed mean, both with ``f=1``.
-    """
-    if name not in AGGREGATORS:
-        raise ConfigError("aggregator", f"unknown name {name!r}; allowed: {', '.join(AGGREGATORS)}")
-    try:
-        return AGGREGATORS[name](**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError("aggregator", str(err).splitlines()[0]) from None

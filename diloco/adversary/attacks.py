@@ -18,14 +18,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diloco.adversary.aggregators import configure
-from diloco.config import ConfigError
+from diloco.config import ConfigError, configure
 
 
 @dataclass
 class AttackConfig:
-    """Shared by every attack: ``start_round``, the first round the attack is active."""
+    """Shared by every attack: who is Byzantine and from which round the attack is active.
 
+    ``ids`` names the Byzantine workers; when null, the last ``num_byzantine`` are.
+    """
+
+    num_byzantine: int = field(default=0, metadata={"ge": 0})
+    ids: list[int] | None = None
     start_round: int = field(default=0, metadata={"ge": 0})
 
 
@@ -42,13 +46,44 @@ def _std(honest: Tensor) -> Tensor:
 
 
 class Attack:
-    """Base class: checks inputs, honours ``start_round`` and calls :meth:`_forge`."""
+    """Base class: checks inputs, honours ``start_round`` and calls :meth:`_forge`.
+
+    An attack acts on payloads (:meth:`forge`, when ``forges_payloads``), on the data its
+    workers train on (:meth:`corrupt_sampler`), or both; the builder and the exchange call
+    both hooks for every attack, so neither names one.
+    """
 
     name = "attack"
     Config: Any = AttackConfig
+    forges_payloads = True
 
     def __init__(self, cfg: Any = None, **kwargs: Any) -> None:
         self.cfg = configure(self.Config, cfg, kwargs, "attack")
+
+    def byzantine_mask(self, num_workers: int) -> Tensor:
+        """The ``[K]`` mask of the workers this attack controls (``ids``, else the last ones)."""
+        k, ids = num_workers, self.cfg.ids
+        if ids is None:
+            if self.cfg.num_byzantine >= k:
+                raise ConfigError(
+                    f"attack.num_byzantine={self.cfg.num_byzantine}", f"must be < {k}"
+                )
+            ids = list(range(k - self.cfg.num_byzantine, k))
+        if any(not 0 <= i < k for i in ids):
+            raise ConfigError(f"attack.ids={ids}", f"every id must be in [0, {k - 1}]")
+        mask = torch.zeros(k, dtype=torch.bool)
+        mask[ids] = True
+        if mask.all():
+            raise ConfigError(f"attack.ids={ids}", "at least one worker must be honest")
+        return mask
+
+    def corrupt_sampler(self, sampler: Any, worker: int, vocab_size: int, seed: int) -> Any:
+        """The data sampler of Byzantine ``worker`` (unchanged unless the attack poisons data)."""
+        return sampler
+
+    def forge(self, rows: Tensor, byzantine: Tensor, round: int) -> list[Tensor]:
+        """The per-worker payloads after the attack (what the exchange validates)."""
+        return list(self(rows, byzantine, round))
 
     def __call__(self, rows: Tensor, byzantine: Tensor, round: int) -> Tensor:
         """Rows with the Byzantine ones replaced (from ``start_round`` on)."""
@@ -81,6 +116,7 @@ class NoAttack(Attack):
     """Every row passes through unchanged."""
 
     name = "none"
+    forges_payloads = False
 
     def _forge(self, rows: Tensor, byz: Tensor, round: int) -> Tensor:
         return rows[byz]
@@ -333,6 +369,10 @@ class Malformed(Attack):
             raise ValueError(f"malformed kind={self.cfg.kind!r} needs corrupt_payloads()")
         return torch.full_like(rows[byz], self._FILL[self.cfg.kind])
 
+    def forge(self, rows: Tensor, byzantine: Tensor, round: int) -> list[Tensor]:
+        """Per-worker payloads, so that wrong shapes and dtypes can be sent too."""
+        return self.corrupt_payloads(list(rows), byzantine, round)
+
     def corrupt_payloads(
         self, payloads: Sequence[Tensor], byzantine: Sequence[bool] | Tensor, round: int = 0
     ) -> list[Tensor]:
@@ -351,29 +391,3 @@ class Malformed(Attack):
             else:
                 out[i] = torch.full_like(t, self._FILL[self.cfg.kind])
         return out
-
-
-ATTACKS: dict[str, type[Attack]] = {
-    "none": NoAttack,
-    "sign_flip": SignFlip,
-    "gaussian": Gaussian,
-    "alie": ALIE,
-    "ipm": IPM,
-    "mimic": Mimic,
-    "minmax": MinMax,
-    "stale": Stale,
-    "free_rider": FreeRider,
-    "malformed": Malformed,
-}
-
-
-def build_attack(name: str, **kwargs: Any) -> Attack:
-    """Build an attack by registry name; bad names or values raise :class:`ConfigError`."""
-    if name not in ATTACKS:
-        raise ConfigError("attack", f"unknown name {name!r}; allowed: {', '.join(ATTACKS)}")
-    try:
-        return ATTACKS[name](**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError("attack", str(err).splitlines()[0]) from None

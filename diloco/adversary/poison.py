@@ -8,9 +8,32 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from diloco.adversary.attacks import Attack, AttackConfig
+
+
+class Poison(Attack):
+    """Data poisoning: Byzantine workers train on corrupted data, then send honestly.
+
+    Their payloads are not forged; each one's sampler is wrapped in a :class:`PoisonedSampler`.
+    """
+
+    name = "poison"
+    forges_payloads = False
+
+    @dataclass
+    class Config(AttackConfig):
+        """``mode``: ``shuffle`` the tokens of each sequence or draw ``random`` ones."""
+
+        mode: Literal["shuffle", "random"] = "shuffle"
+
+    def corrupt_sampler(self, sampler: Any, worker: int, vocab_size: int, seed: int) -> Any:
+        """Wrap the worker's sampler: every batch it draws is corrupted."""
+        return PoisonedSampler(sampler, self.cfg.mode, vocab_size, seed, worker)
 
 
 class PoisonedSampler:

@@ -22,11 +22,12 @@ the share of aggregation weight that Byzantine workers received.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from diloco.config import ValidatorConfig
+from diloco.config import ConfigError
 
 LossAt = Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tensor]], float]
 """``loss_at(flat_params, batch)``: the model's loss with those parameters on that batch."""
@@ -36,7 +37,7 @@ class Gauntlet:
     """Scores contributions and turns scores into aggregation weights.
 
     Args:
-        cfg: settings.
+        cfg: settings (``conf/validator/gauntlet.yaml``).
         loss_at: evaluates the model at given flat parameters on a batch.
         own_batch: ``own_batch(i)`` is a batch of worker i's assigned data.
         random_batch: a held-out batch.
@@ -44,9 +45,18 @@ class Gauntlet:
         byzantine: the true ``[K]`` Byzantine mask, for detection metrics only.
     """
 
+    @dataclass
+    class Config:
+        """EMA ``beta``; exclusion below ``min_score`` or ``relative_min`` x median; copies."""
+
+        beta: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
+        min_score: float = 0.0
+        relative_min: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
+        copy_threshold: float = field(default=0.999, metadata={"gt": 0.0, "le": 1.0})
+
     def __init__(
         self,
-        cfg: ValidatorConfig,
+        cfg: Config,
         loss_at: LossAt,
         own_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
         random_batch: tuple[torch.Tensor, torch.Tensor],
@@ -60,6 +70,12 @@ class Gauntlet:
         self.seen = torch.zeros(len(byzantine), dtype=torch.bool)
         self.last: dict[str, float] = {}
         self.totals = torch.zeros(3, dtype=torch.float64)  # flagged byzantine, flagged, rounds
+
+    @staticmethod
+    def check(parts: Any) -> None:
+        """Each payload is applied alone to the model: it needs whole pseudo-gradients."""
+        if getattr(parts.algorithm, "payload_kind", None) != "pseudo_gradient":
+            raise ConfigError("validator=gauntlet", "scores full pseudo-gradients: use DiLoCo")
 
     @torch.no_grad()
     def weigh(self, rows: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diloco.algorithms.base import AlgorithmBase, Exchange
+from diloco.algorithms.base import AlgorithmBase, StepContext
 from diloco.workers import WorkerGroup
 
 
@@ -27,6 +27,7 @@ class DDP(AlgorithmBase):
     def __init__(self, cfg: Config, group: WorkerGroup) -> None:
         self.name = cfg.name
 
-    def on_gradients(self, group: WorkerGroup, exchange: Exchange) -> None:
-        """Replace every worker's gradient by the exchanged (averaged) gradient."""
-        group.grads.copy_(exchange(group.grads).expand_as(group.grads))
+    def inner_step(self, group: WorkerGroup, ctx: StepContext) -> None:
+        """Replace every worker's gradient by the exchanged (averaged) one, then clip and step."""
+        group.grads.copy_(ctx.exchange(group.grads).expand_as(group.grads))
+        super().inner_step(group, ctx)

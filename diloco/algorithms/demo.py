@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from demo_optim import DeMo
-from diloco.algorithms.base import AlgorithmBase, Gather
+from diloco.algorithms.base import AlgorithmBase, StepContext
 from diloco.config import ConfigError
 from diloco.workers import WorkerGroup
 
@@ -33,7 +34,6 @@ class DeMoSync(AlgorithmBase):
         name: str = "demo"
 
     inner_steps = 1
-    uses_exchange = False  # DeMo's (index, value) payloads bypass codec, attack, aggregator
 
     def __init__(self, cfg: Config, group: WorkerGroup) -> None:
         self.name = cfg.name
@@ -41,15 +41,29 @@ class DeMoSync(AlgorithmBase):
         if not all(isinstance(opt, DeMo) for opt in group.optimizers):
             raise ConfigError("optimizer", "algorithm=demo needs optimizer=demo (demo_optim.DeMo)")
 
-    def step_optimizers(self, group: WorkerGroup, gather: Gather, lr_mult: float) -> None:
+    @staticmethod
+    def check(parts: Any) -> None:
+        """DeMo's (index, value) payloads bypass the round exchange's codec, attack, aggregator.
+
+        ``parts``: the run's :class:`diloco.build.Parts`.
+        """
+        changed = parts.exchange.customized()
+        if changed:
+            raise ConfigError(
+                "algorithm=demo",
+                f"sends its own payloads; {', '.join(changed)} must stay at their defaults",
+            )
+
+    def inner_step(self, group: WorkerGroup, ctx: StepContext) -> None:
         """Encode on every worker, all-gather the payloads (one collective), check, apply once.
 
         Every worker would apply the same aggregate to the same parameters, so worker 0
         applies it and its row is copied to the others (one decode instead of K).
         """
-        group.set_lr(lr_mult)
+        group.clip_grads(ctx.grad_clip)
+        group.set_lr(ctx.lr_mult)
         payloads = [opt.encode() for opt in group.optimizers]  # type: ignore[attr-defined]
-        gathered = gather([torch.stack(parts) for parts in zip(*payloads, strict=True)])
+        gathered = ctx.gather([torch.stack(parts) for parts in zip(*payloads, strict=True)])
         bounds = group.optimizers[0].index_bounds()  # type: ignore[attr-defined]
         bad = self.bad_senders(gathered, payloads[0], bounds)
         if bad.any():

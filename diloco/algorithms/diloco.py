@@ -1,7 +1,7 @@
 """DiLoCo: local inner steps, then an outer optimizer step on the averaged pseudo-gradient.
 
 Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models",
-arXiv 2311.08455. Every ``H`` inner steps:
+arXiv 2311.08105. Every ``H`` inner steps:
 
     delta_i = theta_global - theta_i          (pseudo-gradient of worker i)
     theta_global.grad = mean_i delta_i        (or any robust aggregate)
@@ -14,17 +14,19 @@ data-parallel SGD.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from diloco.algorithms.base import AlgorithmBase
+from diloco.algorithms.base import AlgorithmBase, Payload
 from diloco.config import build_optimizer
 from diloco.workers import WorkerGroup
 
 
-def _nesterov() -> dict[str, Any]:
+def nesterov() -> dict[str, Any]:
+    """DiLoCo's outer optimizer (Nesterov SGD, lr 0.7, momentum 0.9), as a ``_target_`` node."""
     return {"_target_": "torch.optim.SGD", "lr": 0.7, "momentum": 0.9, "nesterov": True}
 
 
@@ -37,7 +39,9 @@ class DiLoCo(AlgorithmBase):
 
         name: str = "diloco"
         inner_steps: int = field(default=50, metadata={"ge": 1})
-        outer_optimizer: dict[str, Any] = field(default_factory=_nesterov)
+        outer_optimizer: dict[str, Any] = field(default_factory=nesterov)
+
+    payload_kind = "pseudo_gradient"
 
     def __init__(self, cfg: Config, group: WorkerGroup) -> None:
         self.name = cfg.name
@@ -46,17 +50,23 @@ class DiLoCo(AlgorithmBase):
             [group.global_param]
         )
 
-    def payload(self, group: WorkerGroup) -> torch.Tensor:
-        """Pseudo-gradients ``theta_global - theta_i``, one row per worker."""
-        return group.global_param.data[None] - group.params
+    def payload(self, group: WorkerGroup) -> Payload:
+        """Pseudo-gradients ``theta_pulled - theta_i``, one row per worker.
 
-    def apply(self, group: WorkerGroup, update: torch.Tensor | None) -> None:
-        """Outer step with the aggregated pseudo-gradient as ``.grad``; resync every worker."""
+        ``theta_pulled`` is the global model every worker started the round from, or under
+        the asynchronous schedule the one each worker pulled (:meth:`WorkerGroup.origins`).
+        """
+        return Payload(group.origins() - group.params)
+
+    def apply(
+        self, group: WorkerGroup, update: torch.Tensor | None, pull: Sequence[int] | None = None
+    ) -> None:
+        """Outer step with the aggregated pseudo-gradient as ``.grad``; workers pull the model."""
         assert update is not None
         assert group.global_param.grad is not None
         group.global_param.grad.copy_(update)
         self.outer.step()
-        group.broadcast_global()
+        group.pull(pull)
 
     def state_dict(self) -> dict[str, Any]:
         """The outer optimizer's state (e.g. Nesterov momentum)."""

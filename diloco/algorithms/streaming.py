@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from diloco.algorithms.base import AlgorithmBase
+from diloco.algorithms.base import AlgorithmBase, Payload, StepContext
+from diloco.algorithms.diloco import nesterov
 from diloco.config import ConfigError, build_optimizer
 from diloco.workers import WorkerGroup
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
-def _nesterov() -> dict[str, Any]:
-    return {"_target_": "torch.optim.SGD", "lr": 0.7, "momentum": 0.9, "nesterov": True}
 
 
 def fragment_indices(model: nn.Module, fragments: int) -> list[torch.Tensor]:
@@ -81,7 +79,9 @@ class StreamingDiLoCo(AlgorithmBase):
         fragments: int = field(default=2, metadata={"ge": 1})
         tau: int = field(default=5, metadata={"ge": 0})
         alpha: float = field(default=0.5, metadata={"ge": 0.0, "le": 1.0})
-        outer_optimizer: dict[str, Any] = field(default_factory=_nesterov)
+        outer_optimizer: dict[str, Any] = field(default_factory=nesterov)
+
+    payload_kind = "fragment"
 
     def __init__(self, cfg: Config, group: WorkerGroup) -> None:
         h, p = cfg.inner_steps, cfg.fragments
@@ -96,7 +96,6 @@ class StreamingDiLoCo(AlgorithmBase):
         self.inner_steps = h // p
         self.fragments = p
         self.tau = cfg.tau
-        self.overlap_steps = cfg.tau  # the exchange runs behind tau inner steps
         self.alpha = cfg.alpha
         self.indices = fragment_indices(group.global_model, p)
         factory = build_optimizer(cfg.outer_optimizer, "algorithm.outer_optimizer")
@@ -108,7 +107,7 @@ class StreamingDiLoCo(AlgorithmBase):
             self.outer_params.append(param)
             self.outers.append(factory([param]))
         self.syncs = 0  # fragments synced so far; the next is ``syncs % P``
-        self.steps_done = 0  # inner steps done, as last told by after_step
+        self.steps_done = 0  # inner steps done, as last told by inner_step
         self.pending: list[tuple[int, int]] = []  # (due step, fragment) of delayed merges
 
     @property
@@ -116,21 +115,27 @@ class StreamingDiLoCo(AlgorithmBase):
         """The fragment synced at the end of this round."""
         return self.syncs % self.fragments
 
-    def after_step(self, group: WorkerGroup, step: int) -> None:
-        """Record the step; apply the merges that are due."""
-        self.steps_done = step
-        while self.pending and self.pending[0][0] <= step:
+    def inner_step(self, group: WorkerGroup, ctx: StepContext) -> None:
+        """The workers' inner step, then the merges that are due at step ``ctx.step``."""
+        super().inner_step(group, ctx)
+        self.steps_done = ctx.step
+        while self.pending and self.pending[0][0] <= ctx.step:
             _, f = self.pending.pop(0)
             self._merge(group, f)
 
-    def payload(self, group: WorkerGroup) -> torch.Tensor:
-        """Pseudo-gradients of this round's fragment, ``[K, P_f]``, on stream ``fragment{f}``."""
-        f = self.current
-        self.payload_key = f"fragment{f}"
-        idx = self.indices[f]
-        return group.global_param.data[idx][None] - group.params[:, idx]
+    def payload(self, group: WorkerGroup) -> Payload:
+        """Pseudo-gradients of this round's fragment, ``[K, P_f]``, on stream ``fragment{f}``.
 
-    def apply(self, group: WorkerGroup, update: torch.Tensor | None) -> None:
+        The exchange runs behind the next ``tau`` inner steps (hidden in modelled time).
+        """
+        f = self.current
+        idx = self.indices[f]
+        rows = group.global_param.data[idx][None] - group.params[:, idx]
+        return Payload(rows, f"fragment{f}", overlap_steps=self.tau)
+
+    def apply(
+        self, group: WorkerGroup, update: torch.Tensor | None, pull: Sequence[int] | None = None
+    ) -> None:
         """Outer step on this round's fragment only; merge now (tau=0) or tau steps later."""
         assert update is not None
         f = self.current

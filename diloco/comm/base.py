@@ -1,37 +1,49 @@
-"""The communicator protocol and the textbook byte counts of its collectives.
+"""The communicator protocol, its config, and the record of each collective run.
 
 A communicator serves the ``K_local`` workers of one process. Payloads are row matrices
 ``[K_local, ...]`` in global worker order; results are in fp32. Every collective adds the bytes
 each worker sends and receives to :attr:`Communicator.sent` / :attr:`Communicator.recv`
 (cumulative, one entry per global worker), so bytes are counted the same way whether the
-workers are simulated or real.
+workers are simulated or real, and records a :class:`Collective` for the clock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from diloco.comm.topology import Topology
+from diloco.comm.topology import Topology
 
 
-def ring_allreduce_bytes(n: int, nbytes: float) -> float:
-    """Bytes each of ``n`` workers sends (and receives) in a ring all-reduce of ``nbytes``.
+@dataclass
+class CommConfig:
+    """Topology and network of the run, payload bounds, and torch.distributed settings."""
 
-    Reduce-scatter then all-gather, each ``n - 1`` steps of ``nbytes / n``: ``2 (n-1)/n d``.
+    topology: Literal["ring", "butterfly", "parameter_server", "object_store"] = "ring"
+    max_abs: float | None = field(default=1.0e6, metadata={"gt": 0.0})
+    bandwidth_mbps: float = field(default=1000.0, metadata={"gt": 0.0})
+    latency_ms: float = field(default=0.0, metadata={"ge": 0.0})
+    what_if_mbps: list[float] = field(default_factory=list, metadata={"gt": 0.0})
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on CUDA, else gloo
+    timeout_s: float = field(default=300.0, metadata={"gt": 0.0})  # a collective's limit
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One exchange as the clock times it: ``nbytes`` per worker over ``topology``.
+
+    A push (``topology`` None) is a parameter-server round trip of the ``senders`` only:
+    each uploads ``nbytes`` and downloads ``pull_nbytes`` (the asynchronous schedule).
     """
-    return 2.0 * (n - 1) / n * nbytes if n > 1 else 0.0
 
-
-def allgather_bytes(n: int, nbytes: float) -> float:
-    """Bytes each of ``n`` workers receives in an all-gather of ``nbytes`` per worker: ``(n-1) d``.
-
-    In a ring all-gather each worker also forwards ``(n-1) d`` bytes, so sent equals received.
-    """
-    return float(n - 1) * nbytes
+    topology: Topology | None
+    nbytes: float
+    senders: tuple[int, ...] = ()
+    pull_nbytes: float = 0.0
 
 
 class Communicator(Protocol):
@@ -41,6 +53,7 @@ class Communicator(Protocol):
     simulation); payload rows passed in are theirs, in that order.
     """
 
+    cfg: CommConfig
     num_workers: int
     local_ids: list[int]
     rank: int
@@ -65,6 +78,12 @@ class Communicator(Protocol):
         """Several ``[K_local, ...]`` tensors gathered as one collective -> ``[K, ...]`` each."""
         ...
 
+    def push(
+        self, parts: Sequence[torch.Tensor], senders: Sequence[int], nbytes: float, pull: float
+    ) -> list[torch.Tensor]:
+        """The ``senders``' rows sent to a server, which answers each with ``pull`` bytes."""
+        ...
+
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over processes, for metrics (not counted)."""
         ...
@@ -73,8 +92,16 @@ class Communicator(Protocol):
         """Wait for every process."""
         ...
 
-    def drain(self) -> list[tuple[Topology, float]]:
-        """Collectives since the last call as ``(topology, bytes per worker)``, for timing."""
+    def shared_path(self, path: Path) -> Path:
+        """The main process's ``path``, on every process (its run dir)."""
+        ...
+
+    def close(self) -> None:
+        """Leave the process group, if any."""
+        ...
+
+    def drain(self) -> list[Collective]:
+        """Collectives since the last call, for timing."""
         ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:

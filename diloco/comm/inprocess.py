@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from diloco.comm.topology import (
-    ButterflyAllReduce,
-    ObjectStore,
-    ParameterServer,
-    RingAllGather,
-    RingAllReduce,
-    Topology,
-)
-
-# comm.topology -> (how a mean is reduced, how rows are gathered)
-TOPOLOGIES: dict[str, tuple[Topology, Topology]] = {
-    "ring": (RingAllReduce(), RingAllGather()),
-    "butterfly": (ButterflyAllReduce(), RingAllGather()),
-    "parameter_server": (ParameterServer(), ObjectStore()),
-    "object_store": (ObjectStore(), ObjectStore()),
-}
+from diloco.comm.base import Collective, CommConfig
+from diloco.comm.topology import TOPOLOGIES, Topology
+from diloco.config import configure
 
 
 class InProcessComm:
@@ -37,22 +26,26 @@ class InProcessComm:
     by real collectives; byte accounting is shared, so both count the same bytes.
     """
 
+    Config = CommConfig
     rank = 0
     world_size = 1
 
-    def __init__(self, num_workers: int, topology: str = "ring") -> None:
+    def __init__(
+        self, cfg: CommConfig | None = None, *, num_workers: int, device: Any = None, **kwargs: Any
+    ) -> None:
+        self.cfg = configure(CommConfig, cfg, kwargs, "comm")
         self.num_workers = num_workers
         self.local_ids: list[int] = list(range(num_workers))
-        self.reduce_topology, self.gather_topology = TOPOLOGIES[topology]
+        self.reduce_topology, self.gather_topology = TOPOLOGIES[self.cfg.topology]
         self.sent = torch.zeros(num_workers, dtype=torch.float64)
         self.recv = torch.zeros(num_workers, dtype=torch.float64)
-        self.pending: list[tuple[Topology, float]] = []
+        self.pending: list[Collective] = []
 
     def _count(self, topology: Topology, nbytes: float) -> None:
         sent, recv = topology.bytes(self.num_workers, nbytes)
         self.sent += sent
         self.recv += recv
-        self.pending.append((topology, nbytes))
+        self.pending.append(Collective(topology, nbytes))
 
     def _nbytes(self, parts: Sequence[torch.Tensor], nbytes: float | None) -> float:
         for t in parts:
@@ -62,8 +55,8 @@ class InProcessComm:
             return nbytes
         return float(sum(t[0].numel() * t.element_size() for t in parts))
 
-    def drain(self) -> list[tuple[Topology, float]]:
-        """The collectives run since the last call, as ``(topology, bytes per worker)``."""
+    def drain(self) -> list[Collective]:
+        """The collectives run since the last call."""
         done, self.pending = self.pending, []
         return done
 
@@ -92,12 +85,32 @@ class InProcessComm:
     def _gather(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         return parts
 
+    def push(
+        self, parts: Sequence[torch.Tensor], senders: Sequence[int], nbytes: float, pull: float
+    ) -> list[torch.Tensor]:
+        """The ``senders``' rows ``[len(senders), ...]`` to a server; each gets ``pull`` back.
+
+        Bytes: every sender uploads ``nbytes`` and downloads ``pull`` (the new model).
+        """
+        ids = list(senders)
+        self.sent[ids] += nbytes
+        self.recv[ids] += pull
+        self.pending.append(Collective(None, nbytes, tuple(ids), pull))
+        return list(parts)
+
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of ``values`` over processes, for metrics (not counted as traffic)."""
         return values
 
     def barrier(self) -> None:
         """Wait for every process (nothing to wait for in one process)."""
+
+    def shared_path(self, path: Path) -> Path:
+        """One process: its own path."""
+        return path
+
+    def close(self) -> None:
+        """Nothing to leave."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Byte counters, for checkpoints."""

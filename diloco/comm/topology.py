@@ -1,7 +1,7 @@
 """Who sends what to whom: per-worker bytes and modelled wall time of one exchange.
 
 Each topology answers, for ``n`` workers that each contribute a payload of ``d`` bytes (the
-encoded size, e.g. :func:`diloco.comm.codecs.nbytes_per_worker`), how many bytes every worker
+encoded size, e.g. :func:`diloco.exchange.codecs.nbytes_per_worker`), how many bytes every worker
 sends and receives in one exchange (``bytes(n, d) -> (sent[n], recv[n])``), how many
 sequential message rounds it takes (``steps(n)``), and what a central node, if any, sends and
 receives (``server_bytes(n, d)``). With equal shares every worker moves the same amount:
@@ -19,13 +19,27 @@ receives (``server_bytes(n, d)``). With equal shares every worker moves the same
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from diloco.comm.base import allgather_bytes, ring_allreduce_bytes
 from diloco.config import ConfigError
+
+
+def ring_allreduce_bytes(n: int, nbytes: float) -> float:
+    """Bytes each of ``n`` workers sends (and receives) in a ring all-reduce of ``nbytes``.
+
+    Reduce-scatter then all-gather, each ``n - 1`` steps of ``nbytes / n``: ``2 (n-1)/n d``.
+    """
+    return 2.0 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def allgather_bytes(n: int, nbytes: float) -> float:
+    """Bytes each of ``n`` workers receives in an all-gather of ``nbytes`` per worker: ``(n-1) d``.
+
+    In a ring all-gather each worker also forwards ``(n-1) d`` bytes, so sent equals received.
+    """
+    return float(n - 1) * nbytes
 
 
 def _full(n: int, value: float) -> Tensor:
@@ -166,20 +180,14 @@ class ObjectStore(Topology):
         return float(n * (n - 1) * d), float(n * d)
 
 
-TOPOLOGIES: dict[str, Any] = {
-    t.name: t
-    for t in (RingAllReduce, ButterflyAllReduce, RingAllGather, ParameterServer, ObjectStore)
+TOPOLOGIES: dict[str, tuple[Topology, Topology]] = {
+    "ring": (RingAllReduce(), RingAllGather()),
+    "butterfly": (ButterflyAllReduce(), RingAllGather()),
+    "parameter_server": (ParameterServer(), ObjectStore()),
+    "object_store": (ObjectStore(), ObjectStore()),
 }
-
-
-def build_topology(name: str, /, **kwargs: Any) -> Topology:
-    """Build a topology by name; unknown names raise :class:`ConfigError`."""
-    if name not in TOPOLOGIES:
-        raise ConfigError("topology.name", f"got {name!r}; known: {', '.join(TOPOLOGIES)}")
-    try:
-        return TOPOLOGIES[name](**kwargs)
-    except TypeError as err:
-        raise ConfigError("topology", str(err)) from None
+"""``comm.topology`` -> (how a mean is reduced, how rows are gathered). A parameter server
+relays a gather like an object store."""
 
 
 def _rate(value: float | Sequence[float], n: int, key: str) -> Tensor:

@@ -24,10 +24,12 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from diloco.comm.base import CommConfig
 from diloco.comm.inprocess import InProcessComm
 from diloco.config import ConfigError
 
@@ -86,7 +88,7 @@ def init_from_env(device: torch.device, backend: str, timeout_s: float) -> None:
     missing = [k for k in needed if k not in os.environ]
     if missing:
         raise ConfigError(
-            "comm.backend=torchdist",
+            "comm=torchdist",
             f"{', '.join(missing)} not set: launch with torchrun (see README, 'Run for real')",
         )
     if backend == "auto":
@@ -135,16 +137,23 @@ def _collective_device() -> torch.device | None:
 
 
 class TorchDistComm(InProcessComm):
-    """The communicator over the default process group (which must be initialized).
+    """The communicator over the default process group (joined from torchrun's environment).
 
     Args:
+        cfg: topology (byte accounting and modelled time, as in simulation), ``dist_backend``
+            and ``timeout_s`` (enforced by the process group, reported in errors).
         num_workers: K, all workers of the run.
-        topology: for byte accounting and modelled time, as in simulation.
-        timeout_s: reported in errors (the process group enforces it).
+        device: this rank's device (NCCL needs its GPU); joins the process group when no
+            group is initialized yet.
     """
 
-    def __init__(self, num_workers: int, topology: str = "ring", timeout_s: float = 0.0) -> None:
-        super().__init__(num_workers, topology)
+    def __init__(
+        self, cfg: CommConfig | None = None, *, num_workers: int, device: Any = None, **kwargs: Any
+    ) -> None:
+        super().__init__(cfg, num_workers=num_workers, **kwargs)
+        timeout_s = self.cfg.timeout_s
+        if not dist.is_initialized():
+            init_from_env(device or torch.device("cpu"), self.cfg.dist_backend, timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.placement = Placement(num_workers, self.world_size)
@@ -179,6 +188,19 @@ class TorchDistComm(InProcessComm):
     def barrier(self) -> None:
         """Wait for every rank."""
         self._run("barrier", dist.barrier)
+
+    def shared_path(self, path: Path) -> Path:
+        """Rank 0's ``path`` on every rank."""
+        return shared_path(path)
+
+    def close(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def push(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        """Not over ranks: asynchronous pushes are simulated in one process."""
+        raise NotImplementedError("push: asynchronous exchange runs in one process only")
 
     def _gather(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         k = len(self.local_ids)

@@ -1,13 +1,13 @@
 """Base of the payload codecs: the :class:`Encoded` wire tensors and the :class:`Codec` API.
 
-Split out of :mod:`diloco.comm.codecs` (which re-exports every name here) so that the dense
-codecs there and the sparsifiers in :mod:`diloco.comm.sparse` share one base without a
+Split out of :mod:`diloco.exchange.codecs` (which re-exports every name here) so that the dense
+codecs there and the sparsifiers in :mod:`diloco.exchange.sparse` share one base without a
 circular import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,16 +41,26 @@ def _rows(rows: Tensor) -> Tensor:
 
 
 class Codec:
-    """Base codec: ``encode`` rows ``[n, P]`` -> :class:`Encoded` -> ``decode`` fp32 rows."""
+    """Base codec: ``encode`` rows ``[n, P]`` -> :class:`Encoded` -> ``decode`` fp32 rows.
+
+    Built from a ``codec`` config node by ``_target_``; every codec's ``Config`` extends
+    :class:`Codec.Config`, whose keys ask for error feedback around the codec (applied by
+    :func:`diloco.exchange.codecs.make_codec`). ``ring_summable``: a ring all-reduce can sum
+    the payload at the encoded width (re-quantizing per hop), so a plain mean needs no gather.
+    """
 
     name = "codec"
+    ring_summable = False
 
     @dataclass
     class Config:
-        """No arguments (codecs with arguments override this)."""
+        """Error feedback around the codec (``ef_decay``: residual decay per round)."""
+
+        error_feedback: bool = False
+        ef_decay: float = field(default=1.0, metadata={"ge": 0.0, "le": 1.0})
 
     def __init__(self, cfg: Any = None) -> None:
-        pass
+        self.cfg: Any = cfg if cfg is not None else self.Config()
 
     def encode(self, rows: Tensor) -> Encoded:
         """Encode payload rows ``[n, P]``."""

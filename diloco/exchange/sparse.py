@@ -1,8 +1,8 @@
 """Sparsifying codecs and the index bit-packing they (and the low-bit dense codecs) use.
 
 :class:`TopK`, :class:`RandK` and :class:`DCTTopK` keep a few fp32 values per row and send
-their indices bit-packed LSB-first with :func:`pack_bits` (see :mod:`diloco.comm.codecs` for
-the byte counts). Every name here is re-exported from :mod:`diloco.comm.codecs`.
+their indices bit-packed LSB-first with :func:`pack_bits` (see :mod:`diloco.exchange.codecs` for
+the byte counts). Every name here is re-exported from :mod:`diloco.exchange.codecs`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from demo_optim.dct import dct_nd, idct_nd
-from diloco.comm.codec_base import Codec, Encoded, _rows
+from diloco.exchange.codec_base import Codec, Encoded, _rows
 
 
 def index_bits(size: int) -> int:
@@ -80,14 +80,15 @@ class TopK(Sparsifier):
     name = "topk"
 
     @dataclass
-    class Config:
+    class Config(Codec.Config):
         """Keep ``k`` entries per row, or ``fraction`` of them when ``k`` is unset."""
 
         k: int | None = field(default=None, metadata={"ge": 1})
         fraction: float = field(default=0.01, metadata={"gt": 0.0, "le": 1.0})
 
     def __init__(self, cfg: Config | None = None) -> None:
-        cfg = cfg or self.Config()
+        super().__init__(cfg)
+        cfg = self.cfg
         self.k, self.fraction = cfg.k, cfg.fraction
 
     def num_values(self, p: int) -> int:
@@ -125,9 +126,8 @@ class RandK(TopK):
         seed: int = field(default=0, metadata={"ge": 0})
 
     def __init__(self, cfg: Config | None = None) -> None:
-        cfg = cfg or self.Config()
         super().__init__(cfg)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
 
     def _select(self, x: Tensor, k: int) -> Tensor:
         keys = torch.rand(x.shape, generator=self.gen).to(x.device)
@@ -146,14 +146,15 @@ class DCTTopK(Sparsifier):
     name = "dct_topk"
 
     @dataclass
-    class Config:
+    class Config(Codec.Config):
         """``chunk`` elements per DCT; ``k`` coefficients kept per chunk."""
 
         chunk: int = field(default=64, metadata={"ge": 1})
         k: int = field(default=8, metadata={"ge": 1})
 
     def __init__(self, cfg: Config | None = None) -> None:
-        cfg = cfg or self.Config()
+        super().__init__(cfg)
+        cfg = self.cfg
         self.chunk, self.k = cfg.chunk, min(cfg.k, cfg.chunk)
 
     def num_values(self, p: int) -> int:

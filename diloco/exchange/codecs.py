@@ -25,7 +25,6 @@ generator whose state is in :meth:`Codec.state_dict`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diloco.comm.codec_base import Codec, Encoded, _rows, nbytes_per_worker
-from diloco.comm.sparse import (
+from diloco.config import ConfigError, build
+from diloco.exchange.codec_base import Codec, Encoded, _rows, nbytes_per_worker
+from diloco.exchange.sparse import (
     DCTTopK,
     RandK,
     Sparsifier,
@@ -43,11 +43,9 @@ from diloco.comm.sparse import (
     pack_bits,
     unpack_bits,
 )
-from diloco.config import ConfigError, from_dict
 
 __all__ = [
     "BF16",
-    "CODECS",
     "FP16",
     "Codec",
     "Compose",
@@ -61,7 +59,7 @@ __all__ = [
     "Sign",
     "Sparsifier",
     "TopK",
-    "build_codec",
+    "make_codec",
     "index_bits",
     "nbytes_per_worker",
     "pack_bits",
@@ -74,6 +72,7 @@ class NoCodec(Codec):
 
     name = "none"
     dtype = torch.float32
+    ring_summable = True
 
     def encode(self, rows: Tensor) -> Encoded:
         """Cast to the wire dtype; fp16 values are clamped to its finite range."""
@@ -112,9 +111,10 @@ class Int8(Codec):
 
     name = "int8"
     bits = 8
+    ring_summable = True
 
     @dataclass
-    class Config:
+    class Config(Codec.Config):
         """``block`` elements share a scale; stochastic rounding draws from ``seed``."""
 
         block: int = field(default=128, metadata={"ge": 1})
@@ -123,7 +123,8 @@ class Int8(Codec):
         seed: int = field(default=0, metadata={"ge": 0})
 
     def __init__(self, cfg: Config | None = None) -> None:
-        cfg = cfg or self.Config()
+        super().__init__(cfg)
+        cfg = self.cfg
         self.block, self.stochastic = cfg.block, cfg.stochastic
         self.scale_dtype = torch.float16 if cfg.scale_dtype == "fp16" else torch.float32
         self.qmax = 2 ** (self.bits - 1) - 1
@@ -170,6 +171,7 @@ class Int4(Int8):
 
     name = "int4"
     bits = 4
+    ring_summable = False
 
     def _pack(self, q: Tensor) -> Tensor:
         return pack_bits(q + 8, 4)
@@ -204,10 +206,25 @@ class Compose(Codec):
     """Sparsify, then encode the kept ``[n, k]`` values with a value codec.
 
     Templar's SparseLoCo sends top-k values quantized to a few bits this way. On the wire:
-    the sparsifier's indices plus the value codec's values and scales.
+    the sparsifier's indices plus the value codec's values and scales. Both are ``_target_``
+    nodes (``sparsifier: {_target_: ...TopK, fraction: 0.02}``, ``values: {...Int4}``).
     """
 
-    def __init__(self, sparsifier: Sparsifier, value_codec: Codec) -> None:
+    @dataclass
+    class Config(Codec.Config):
+        """The sparsifier and the codec of the kept values (default: fp32 values)."""
+
+        sparsifier: dict[str, Any] = field(default_factory=dict)
+        values: dict[str, Any] = field(
+            default_factory=lambda: {"_target_": "diloco.exchange.codecs.NoCodec"}
+        )
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        super().__init__(cfg)
+        sparsifier = build(self.cfg.sparsifier, "codec.sparsifier")
+        if not isinstance(sparsifier, Sparsifier):
+            raise ConfigError("codec.sparsifier", f"{sparsifier.name!r} is not a sparsifier")
+        value_codec = build(self.cfg.values, "codec.values")
         self.sparsifier, self.value_codec = sparsifier, value_codec
         self.name = f"{sparsifier.name}+{value_codec.name}"
 
@@ -247,6 +264,8 @@ class ErrorFeedback(Codec):
     def __init__(self, codec: Codec, decay: float = 1.0) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"decay={decay}", "must be in [0, 1]")
+        super().__init__(codec.cfg)
+        self.ring_summable = codec.ring_summable  # the wire format is the inner codec's
         self.codec, self.decay = codec, decay
         self.name = f"ef({codec.name})"
         self.residual: Tensor | None = None
@@ -277,34 +296,9 @@ class ErrorFeedback(Codec):
         self.residual = None if r is None else r.clone()
 
 
-CODECS: dict[str, Any] = {
-    c.name: c for c in (NoCodec, FP16, BF16, Int8, Int4, Sign, TopK, RandK, DCTTopK)
-}
-
-
-def build_codec(name: str, /, **kwargs: Any) -> Codec:
-    """Build a codec by registry name, validating ``kwargs`` into its ``Config``.
-
-    ``build_codec("compose", sparsifier={"name": "topk", "k": 8}, values={"name": "int4"})``
-    builds a :class:`Compose`. Unknown names and bad arguments raise :class:`ConfigError`.
-    """
-    if name == "compose":
-        unknown = sorted(set(kwargs) - {"sparsifier", "values"})
-        if unknown or "sparsifier" not in kwargs:
-            raise ConfigError("codec", "compose takes sparsifier={name: ...} and values={...}")
-        sp = _build_node(kwargs["sparsifier"], "codec.sparsifier")
-        if not isinstance(sp, Sparsifier):
-            raise ConfigError("codec.sparsifier", f"{sp.name!r} is not a sparsifier")
-        return Compose(sp, _build_node(kwargs.get("values", {"name": "none"}), "codec.values"))
-    if name not in CODECS:
-        known = ", ".join([*CODECS, "compose"])
-        raise ConfigError("codec.name", f"got {name!r}; known: {known}")
-    cls = CODECS[name]
-    return cls(from_dict(cls.Config, kwargs, "codec"))
-
-
-def _build_node(node: Any, key: str) -> Codec:
-    spec = dict(node) if isinstance(node, Mapping) else {}
-    if "name" not in spec:
-        raise ConfigError(key, f"got {node!r}; expected a mapping with a 'name'")
-    return build_codec(spec.pop("name"), **spec)
+def make_codec(node: dict[str, Any], key: str = "codec") -> Codec:
+    """The codec of a ``codec`` config node, wrapped in error feedback when it asks."""
+    codec = build(node, key)
+    if not isinstance(codec, Codec):
+        raise ConfigError(f"{key}._target_", f"{node['_target_']} is not a codec")
+    return ErrorFeedback(codec, codec.cfg.ef_decay) if codec.cfg.error_feedback else codec
