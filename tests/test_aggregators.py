@@ -165,6 +165,75 @@ def test_robust_rules_resist_one_huge_row(name, kwargs):
     assert (out - honest.mean(0)).norm() < 1.0, out
 
 
+# --- absent rows (weight 0) --------------------------------------------------------------
+
+EVERY = [
+    ("mean", {}),
+    ("median", {}),
+    ("trimmed_mean", {"f": 1}),
+    ("geomed", {}),
+    ("krum", {"f": 1}),
+    ("multikrum", {"f": 1, "m": 2}),
+    ("multikrum", {"f": 1}),
+    ("cclip", {"tau": 1.0, "L": 3}),
+    ("nnm", {"f": 2, "inner": "trimmed_mean"}),
+    ("bucketing", {"s": 2, "inner": "median"}),
+]
+
+
+def with_absent_rows(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """5 spread-out present rows and 4 absent (all-zero, weight 0) ones that cluster at 0.
+
+    Returns (all rows, all weights, present mask). The zero rows are each other's nearest
+    neighbours, so a rule that let them into its selection would pick them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    present = 2.0 + 3.0 * torch.randn(5, 6, generator=g)
+    rows = torch.cat([present[:2], torch.zeros(2, 6), present[2:], torch.zeros(2, 6)])
+    mask = torch.tensor([True, True, False, False, True, True, True, False, False])
+    weights = torch.where(mask, 1.0 + torch.rand(9, generator=g), torch.zeros(9))
+    return rows, weights, mask
+
+
+@pytest.mark.parametrize(("name", "kwargs"), EVERY, ids=[f"{n}{kw}" for n, kw in EVERY])
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "weighted"])
+def test_absent_rows_are_dropped_before_the_rule(name, kwargs, uniform):
+    rows, weights, mask = with_absent_rows()
+    if uniform:
+        weights = mask.float()
+    out = build_aggregator(name, **kwargs)(rows, weights)
+    assert torch.isfinite(out).all()
+    # a fresh instance (same seed, no center yet) on the present rows alone
+    torch.testing.assert_close(out, build_aggregator(name, **kwargs)(rows[mask], weights[mask]))
+
+
+def test_krum_never_selects_an_absent_row():
+    rows, weights, mask = with_absent_rows()
+    out = Krum(f=1)(rows, weights)
+    assert any(torch.equal(out, r) for r in rows[mask]) and out.abs().sum() > 0
+    assert torch.isfinite(MultiKrum(f=1, m=1)(rows, weights)).all()
+
+
+def test_too_few_present_rows_lower_f(caplog):
+    rows = torch.tensor([[0.0], [1.0], [5.0], [0.0], [0.0]])
+    weights = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])  # 3 present, f=2 needs 5
+    for agg in (TrimmedMean(f=2), Krum(f=2), MultiKrum(f=2), NNM(f=2, inner="mean")):
+        out = agg(rows, weights)
+        ref = type(agg)(**{**vars(agg.cfg), "f": 1})(rows[:3])  # f lowered to (3 - 1) // 2
+        torch.testing.assert_close(out, ref)
+        assert "f=2 lowered to 1" in caplog.text
+    with pytest.raises(ValueError, match=r"f=3.*n=5"):  # misconfigured: all rows too few
+        TrimmedMean(f=3)(rows, weights)
+
+
+def test_multikrum_m_above_present_rows():
+    rows = torch.tensor([[0.0], [1.0], [2.0], [0.0], [0.0]])
+    weights = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(MultiKrum(f=1, m=4)(rows, weights), MultiKrum(f=1, m=2)(rows[:3]))
+    with pytest.raises(ValueError, match="m=6"):
+        MultiKrum(f=1, m=6)(rows, weights)
+
+
 # --- registry -----------------------------------------------------------------------------
 
 

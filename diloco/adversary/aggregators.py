@@ -2,15 +2,27 @@
 
 Every aggregator is called as ``agg(rows, weights=None)``. Weights scale a row's share in the
 averaging steps only; the selection steps (trimming, Krum scores, nearest neighbours, buckets)
-count rows, so a worker cannot buy its way past a filter with a large weight. ``f`` is the
-number of Byzantine rows tolerated; rules that need ``n > 2f`` check it at call time and raise
-``ValueError`` naming ``f`` and ``n``. Stateful rules (:class:`CenteredClipping`,
-:class:`Bucketing`) carry their state in ``state_dict``.
+count rows, so a worker cannot buy its way past a filter with a large weight. Stateful rules
+(:class:`CenteredClipping`, :class:`Bucketing`) carry their state in ``state_dict``.
+
+Absent rows. A row of weight 0 (an absent worker under faults or a deadline sends an all-zero
+row with weight 0; a validator may score a row 0) is dropped before any rule sees the rows:
+it never enters a selection, a trimming, a neighbourhood or a bucket, so every rule returns
+what it returns on the present rows alone.
+
+``f`` is the number of Byzantine rows tolerated; rules with an ``f`` need ``n > 2f`` rows.
+Called with ``n <= 2f`` rows in all, they raise ``ValueError`` naming ``f`` and ``n`` (the
+pipeline probes every aggregator with ``workers.count`` rows at build time and reports this as
+a config error). When the rows given satisfy ``n > 2f`` but too few are *present* (weight > 0),
+``f`` is lowered for that call to ``(n_present - 1) // 2``, the most the present rows allow,
+and a warning is logged: the run goes on and the result is never NaN, but it tolerates fewer
+Byzantine rows in that round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -20,6 +32,8 @@ from torch import Tensor
 from diloco.config import ConfigError, from_dict
 
 C = TypeVar("C")
+
+log = logging.getLogger(__name__)
 
 
 def configure(cls: type[C], cfg: C | None, kwargs: dict[str, Any], key: str) -> C:
@@ -31,13 +45,21 @@ def configure(cls: type[C], cfg: C | None, kwargs: dict[str, Any], key: str) -> 
     return from_dict(cls, kwargs, key)
 
 
-def _check_f(f: int, n: int) -> None:
-    if n <= 2 * f:
-        raise ValueError(f"f={f} needs n > 2f rows, got n={n}")
-
-
 def _wmean(rows: Tensor, w: Tensor | None) -> Tensor:
     return rows.mean(0) if w is None else (w @ rows) / w.sum()
+
+
+def _coord_median(rows: Tensor, w: Tensor | None) -> Tensor:
+    """Coordinate-wise (weighted) median; see :class:`CoordinateMedian`."""
+    n = rows.shape[0]
+    vals, idx = rows.sort(dim=0)
+    if w is None:
+        return (vals[(n - 1) // 2] + vals[n // 2]) / 2
+    cum = w[idx].cumsum(0)
+    half, tol = cum[-1] / 2, cum[-1] * 1e-6
+    lo = (cum < half - tol).sum(0, keepdim=True).clamp_max(n - 1)
+    hi = (cum <= half + tol).sum(0, keepdim=True).clamp_max(n - 1)
+    return ((vals.gather(0, lo) + vals.gather(0, hi)) / 2)[0]
 
 
 def _sq_dists(rows: Tensor) -> Tensor:
@@ -47,7 +69,11 @@ def _sq_dists(rows: Tensor) -> Tensor:
 
 
 class Aggregator:
-    """Base class: checks the inputs, casts to fp32 and calls :meth:`_aggregate`."""
+    """Base class: checks inputs, casts to fp32, drops rows of weight 0, calls :meth:`_aggregate`.
+
+    ``_aggregate(rows, w, n_all)`` gets the present rows only (``w`` is ``None`` or all > 0);
+    ``n_all`` is how many rows the caller gave, present or not, for :meth:`_f`.
+    """
 
     name = "aggregator"
     Config: Any = None
@@ -67,10 +93,36 @@ class Aggregator:
                 raise ValueError(f"{self.name}: weights {tuple(w.shape)} != ({rows.shape[0]},)")
             if not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
                 raise ValueError(f"{self.name}: weights must be finite, >= 0, not all zero")
-        return self._aggregate(rows, w).float()
+        n_all = rows.shape[0]
+        if w is not None and bool((w == 0).any()):  # absent rows never enter a selection
+            present = w > 0
+            rows, w = rows[present], w[present]
+        return self._run(rows, w, n_all)
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _run(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        """Aggregate present rows (the entry point a composed rule uses for its inner rule)."""
+        return self._aggregate(rows, w, n_all).float()
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         raise NotImplementedError
+
+    def _f(self, n: int, n_all: int) -> int:
+        """The ``f`` this call tolerates with ``n`` present rows out of ``n_all`` given.
+
+        ``cfg.f`` when ``n > 2f``; ``ValueError`` when ``n_all <= 2f`` (misconfigured);
+        otherwise (absent rows left too few) ``(n - 1) // 2``, with a warning.
+        """
+        f = int(self.cfg.f)
+        if n > 2 * f:
+            return f
+        if n_all <= 2 * f:
+            raise ValueError(f"f={f} needs n > 2f rows, got n={n_all}")
+        lowered = (n - 1) // 2
+        log.warning(
+            "%s: %d of %d rows present (the rest weight 0); f=%d lowered to %d for this call",
+            self.name, n, n_all, f, lowered,
+        )  # fmt: skip
+        return lowered
 
     def state_dict(self) -> dict[str, Any]:
         """State carried across calls (empty for stateless rules)."""
@@ -89,7 +141,7 @@ class Mean(Aggregator):
     class Config:
         """No parameters."""
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         return _wmean(rows, w)
 
 
@@ -107,16 +159,8 @@ class CoordinateMedian(Aggregator):
     class Config:
         """No parameters."""
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
-        n = rows.shape[0]
-        vals, idx = rows.sort(dim=0)
-        if w is None:
-            return (vals[(n - 1) // 2] + vals[n // 2]) / 2
-        cum = w[idx].cumsum(0)
-        half, tol = cum[-1] / 2, cum[-1] * 1e-6
-        lo = (cum < half - tol).sum(0, keepdim=True).clamp_max(n - 1)
-        hi = (cum <= half + tol).sum(0, keepdim=True).clamp_max(n - 1)
-        return ((vals.gather(0, lo) + vals.gather(0, hi)) / 2)[0]
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        return _coord_median(rows, w)
 
 
 class TrimmedMean(Aggregator):
@@ -134,9 +178,9 @@ class TrimmedMean(Aggregator):
 
         f: int = field(default=1, metadata={"ge": 0})
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
-        n, f = rows.shape[0], self.cfg.f
-        _check_f(f, n)
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        n = rows.shape[0]
+        f = self._f(n, n_all)
         vals, idx = rows.sort(dim=0)
         kept = vals[f : n - f]
         if w is None:
@@ -163,7 +207,7 @@ class GeometricMedian(Aggregator):
         T: int = field(default=3, metadata={"ge": 1})
         eps: float = field(default=1e-8, metadata={"ge": 0.0})
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         alpha = torch.ones(rows.shape[0], device=rows.device) if w is None else w
         z = torch.zeros(rows.shape[1], device=rows.device)
         prev = None
@@ -181,7 +225,6 @@ class GeometricMedian(Aggregator):
 def _krum_scores(rows: Tensor, f: int) -> Tensor:
     """Sum of squared distances to the ``max(n - f - 2, 1)`` nearest other rows."""
     n = rows.shape[0]
-    _check_f(f, n)
     d = _sq_dists(rows)
     k = min(max(n - f - 2, 1), n - 1)
     if k == 0:
@@ -205,8 +248,9 @@ class Krum(Aggregator):
 
         f: int = field(default=1, metadata={"ge": 0})
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
-        return rows[int(_krum_scores(rows, self.cfg.f).argmin())]
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        f = self._f(rows.shape[0], n_all)
+        return rows[int(_krum_scores(rows, f).argmin())]
 
 
 class MultiKrum(Aggregator):
@@ -225,12 +269,16 @@ class MultiKrum(Aggregator):
         f: int = field(default=1, metadata={"ge": 0})
         m: int | None = field(default=None, metadata={"ge": 1})
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         n = rows.shape[0]
-        m = n - self.cfg.f if self.cfg.m is None else self.cfg.m
-        if m > n:
-            raise ValueError(f"m={m} needs m <= n rows, got n={n}")
-        keep = _krum_scores(rows, self.cfg.f).sort(stable=True).indices[:m]
+        f = self._f(n, n_all)
+        m = n - f if self.cfg.m is None else self.cfg.m
+        if m > n_all:
+            raise ValueError(f"m={m} needs m <= n rows, got n={n_all}")
+        if m > n:  # absent rows left fewer than m: keep the n - f best
+            log.warning("multikrum: %d of %d rows present; m=%d lowered to %d", n, n_all, m, n - f)
+            m = n - f
+        keep = _krum_scores(rows, f).sort(stable=True).indices[:m]
         return _wmean(rows[keep], None if w is None else w[keep])
 
 
@@ -255,7 +303,7 @@ class CenteredClipping(Aggregator):
         super().__init__(cfg, **kwargs)
         self.center: Tensor | None = None
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         v = self.center
         if v is None:
             v = torch.zeros(rows.shape[1], device=rows.device)
@@ -298,11 +346,12 @@ class _PreAggregation(Aggregator):
         f = getattr(self.cfg, "f", None)
         self.inner = given if given is not None else _inner(self.cfg.inner, f)
 
-    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _mix(self, rows: Tensor, w: Tensor | None, n_all: int) -> tuple[Tensor, Tensor | None, int]:
+        """Mixed rows, their weights, and how many the mix of all ``n_all`` rows would give."""
         raise NotImplementedError
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
-        return self.inner(*self._mix(rows, w))
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        return self.inner._run(*self._mix(rows, w, n_all))
 
     def state_dict(self) -> dict[str, Any]:
         """The inner rule's state."""
@@ -330,14 +379,14 @@ class NNM(_PreAggregation):
         f: int = field(default=1, metadata={"ge": 0})
         inner: str | dict[str, Any] = "trimmed_mean"
 
-    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _mix(self, rows: Tensor, w: Tensor | None, n_all: int) -> tuple[Tensor, Tensor | None, int]:
         n = rows.shape[0]
-        _check_f(self.cfg.f, n)
-        near = _sq_dists(rows).sort(dim=1, stable=True).indices[:, : n - self.cfg.f]
+        f = self._f(n, n_all)
+        near = _sq_dists(rows).sort(dim=1, stable=True).indices[:, : n - f]
         mix = torch.zeros(n, n, device=rows.device)
         mix.scatter_(1, near, 1.0 if w is None else w[near])
         mix = mix / mix.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return mix @ rows, w
+        return mix @ rows, w, n_all
 
 
 class Bucketing(_PreAggregation):
@@ -362,7 +411,7 @@ class Bucketing(_PreAggregation):
         super().__init__(cfg, **kwargs)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
 
-    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _mix(self, rows: Tensor, w: Tensor | None, n_all: int) -> tuple[Tensor, Tensor | None, int]:
         n, dev = rows.shape[0], rows.device
         perm = torch.randperm(n, generator=self.generator).to(dev)
         bucket = torch.empty(n, dtype=torch.long, device=dev)
@@ -370,9 +419,8 @@ class Bucketing(_PreAggregation):
         mix = torch.zeros(-(-n // self.cfg.s), n, device=dev)
         mix[bucket, torch.arange(n, device=dev)] = 1.0 if w is None else w
         bw = mix.sum(1)
-        return (mix / bw.clamp_min(torch.finfo(torch.float32).tiny)[:, None]) @ rows, (
-            None if w is None else bw
-        )
+        means = (mix / bw.clamp_min(torch.finfo(torch.float32).tiny)[:, None]) @ rows
+        return means, None if w is None else bw, -(-n_all // self.cfg.s)
 
     def state_dict(self) -> dict[str, Any]:
         """The shuffle generator's state and the inner rule's state."""
