@@ -43,7 +43,27 @@ def test_geomed_known_vector():
 
 
 def test_krum_known_vector():
-    assert torch.equal(Krum(f=1)(X), torch.tensor([1.0, 2, 3]))
+    # f=1, n=4: each score sums the squared distances to the n - f - 1 = 2 nearest other rows:
+    # [0]: 1 + 9 = 10, [1]: 1 + 4 = 5, [3]: 4 + 9 = 13, [10]: 49 + 81 = 130
+    rows = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
+    assert torch.equal(Krum(f=1)(rows), torch.tensor([1.0]))
+    torch.testing.assert_close(MultiKrum(f=1, m=2)(rows), torch.tensor([0.5]))  # [1] and [0]
+    torch.testing.assert_close(MultiKrum(f=1)(rows), torch.tensor([4.0 / 3]))  # m = n - f = 3
+
+
+@pytest.mark.parametrize("f", [1, 2, 3])
+@pytest.mark.parametrize("extra", [0, 1], ids=["n=2f+1", "n=2f+2"])
+def test_krum_boundary_colluders_never_selected(f, extra):
+    n = 2 * f + 1 + extra
+    g = torch.Generator().manual_seed(10 * f + extra)
+    for _ in range(50):
+        honest = torch.randn(n - f, 4, generator=g)
+        colluders = 1e6 + 1e-3 * torch.randn(f, 4, generator=g)  # together, far away
+        rows = torch.cat([colluders, honest])[torch.randperm(n, generator=g)]
+        out = Krum(f=f)(rows)
+        assert any(torch.equal(out, h) for h in honest), out
+        kept = MultiKrum(f=f)(rows)  # m = n - f: exactly the honest rows
+        torch.testing.assert_close(kept, honest.mean(0))
 
 
 # --- rule details -------------------------------------------------------------------------

@@ -223,21 +223,28 @@ class GeometricMedian(Aggregator):
 
 
 def _krum_scores(rows: Tensor, f: int) -> Tensor:
-    """Sum of squared distances to the ``max(n - f - 2, 1)`` nearest other rows."""
+    """Sum of squared distances to the ``n - f - 1`` nearest other rows (needs ``n > 2f``)."""
     n = rows.shape[0]
-    d = _sq_dists(rows)
-    k = min(max(n - f - 2, 1), n - 1)
+    k = n - f - 1
     if k == 0:
         return torch.zeros(n, device=rows.device)
-    return d.sort(dim=1).values[:, 1 : k + 1].sum(1)
+    return _sq_dists(rows).sort(dim=1).values[:, 1 : k + 1].sum(1)  # column 0: the row itself
 
 
 class Krum(Aggregator):
-    """Krum (Blanchard et al., NeurIPS 2017): the row with the lowest score.
+    """Krum (Blanchard et al., NeurIPS 2017, arXiv 1703.02757): the row with the lowest score.
 
-    ``score_i = sum of ||x_i - x_j||^2 over the n - f - 2 nearest j != i`` (at least one
-    neighbour, so the rule stays meaningful when ``n = 2f + 1, 2f + 2``). Ties go to the lowest
-    index. Needs ``n > 2f``.
+    ``score_i = sum of ||x_i - x_j||^2 over the n - f - 1 nearest j != i`` (the ``n - f``
+    nearest rows counting ``x_i`` itself), ``i* = argmin_i score_i``, output ``x_{i*}``. Ties go
+    to the lowest index. Needs ``n > 2f``.
+
+    Convention: Blanchard et al. sum over ``n - f - 2`` neighbours and prove resilience for
+    ``n > 2f + 2``; at ``n = 2f + 1`` that sum covers only ``f - 1`` rows, so ``f`` colluding
+    rows placed together score 0 and win however far they are. Here the neighbourhood is the
+    ``n - f`` nearest rows including the row itself, the convention of Allouah et al.
+    (AISTATS 2023, arXiv 2302.01772, "Fixing by Mixing"), which needs only ``n > 2f``: the
+    ``n - f - 1 >= f`` neighbours of a Byzantine row always include an honest one, while an
+    honest row has ``n - f - 1`` honest neighbours to choose from.
     """
 
     name = "krum"
@@ -254,10 +261,11 @@ class Krum(Aggregator):
 
 
 class MultiKrum(Aggregator):
-    """Multi-Krum (Blanchard et al., NeurIPS 2017): mean of the ``m`` lowest Krum scores.
+    """Multi-Krum (Blanchard et al., NeurIPS 2017, arXiv 1703.02757): mean of the best ``m``.
 
-    ``m=None`` means ``n - f``. Scores as :class:`Krum`; the mean is weighted if weights are
-    given. Needs ``n > 2f`` and ``m <= n``.
+    The ``m`` rows of lowest Krum score (scores as :class:`Krum`, over the ``n - f - 1``
+    nearest other rows; ties to the lowest index) are averaged, weighted if weights are given.
+    ``m=None`` means ``n - f``. Needs ``n > 2f`` and ``m <= n``.
     """
 
     name = "multikrum"
