@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -38,8 +39,13 @@ def test_trimmed_mean_known_vector():
 
 
 def test_geomed_known_vector():
-    out = GeometricMedian(nu=0.1, T=3)(X)
-    torch.testing.assert_close(out, torch.tensor([3.7879, 4.7879, 5.7879]), atol=1e-4, rtol=0)
+    # equilateral triangle: the median is the centroid; convex quadrilateral: the crossing of
+    # its diagonals (y = x and y = 1 - x / 3). Every vertex is > nu away, so no smoothing.
+    tri = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3**0.5]])
+    quad = torch.tensor([[0.0, 0.0], [3.0, 0.0], [2.0, 2.0], [0.0, 1.0]])
+    for rows, median in ((tri, [1.0, 3**-0.5]), (quad, [0.75, 0.75])):
+        out = GeometricMedian(nu=0.1)(rows)
+        torch.testing.assert_close(out, torch.tensor(median), atol=1e-5, rtol=0)
 
 
 def test_krum_known_vector():
@@ -91,10 +97,48 @@ def test_trimmed_mean_weights_uniform_matches_unweighted():
     torch.testing.assert_close(TrimmedMean(f=0)(rows), rows.mean(0))
 
 
-def test_geomed_early_stop_and_weights():
+def smoothed_geomed_float64(rows: torch.Tensor, w: torch.Tensor, nu: float) -> torch.Tensor:
+    """argmin_z sum_i w_i g_nu(||z - x_i||) by BFGS in float64 (independent of Weiszfeld)."""
+    optimize = pytest.importorskip("scipy.optimize")
+    x, a = rows.double().numpy(), w.double().numpy()
+
+    def objective(z):
+        diff = z - x
+        d = (diff**2).sum(1) ** 0.5
+        far = d >= nu
+        value = a @ np.where(far, d, d**2 / (2 * nu) + nu / 2)
+        return value, (a * np.where(far, 1 / np.maximum(d, 1e-300), 1 / nu)) @ diff
+
+    z0 = np.median(x, axis=0)
+    res = optimize.minimize(objective, z0, jac=True, method="BFGS", options={"gtol": 1e-12})
+    return torch.from_numpy(res.x)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_geomed_matches_a_high_precision_solution(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, p = [(5, 3), (7, 5), (9, 50), (8, 1000), (16, 200), (6, 10)][seed]
+    rows = 1.0 + torch.randn(n, p, generator=g) * (0.1 + seed / 2)
+    bad = max(1, n // 4)
+    rows[:bad] = 20.0 + 50.0 * torch.randn(bad, p, generator=g)  # outliers
+    for w in (torch.ones(n), 0.5 + torch.rand(n, generator=g)):
+        agg = GeometricMedian()
+        out = agg(rows, w).double()
+        ref = smoothed_geomed_float64(rows, w, nu=0.1)
+        assert agg.iterations < agg.cfg.max_iter  # stopped on tol, not on the cap
+        assert (out - ref).norm() <= 1e-5 * ref.norm(), float((out - ref).norm() / ref.norm())
+
+
+def test_geomed_stopping_and_weights():
     rows = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
-    many = GeometricMedian(T=200, eps=1e-7)(rows)
-    assert torch.allclose(GeometricMedian(T=400, eps=0.0)(rows), many, atol=1e-4)
+    one = GeometricMedian(max_iter=1)
+    z0 = CoordinateMedian()(rows)
+    beta = 1 / (rows - z0).norm(dim=1).clamp_min(0.1)
+    torch.testing.assert_close(one(rows), (beta @ rows) / beta.sum())  # one step from z_0
+    quad = torch.tensor([[0.0, 0.0], [3.0, 0.0], [2.0, 2.0], [0.0, 1.0]])
+    capped, free = GeometricMedian(max_iter=4), GeometricMedian()
+    assert not torch.allclose(capped(quad), free(quad), atol=1e-4)
+    assert capped.iterations == 4 < free.iterations
     torch.testing.assert_close(GeometricMedian()(rows, torch.ones(5) * 2), GeometricMedian()(rows))
 
 

@@ -192,33 +192,40 @@ class TrimmedMean(Aggregator):
 class GeometricMedian(Aggregator):
     """Geometric median by smoothed Weiszfeld (Pillutla et al., RFA, arXiv 1912.13445).
 
-    From ``z_0 = 0``, ``T`` times: ``beta_i = w_i / max(nu, ||z - x_i||)`` and
-    ``z <- sum_i beta_i x_i / sum_i beta_i``. Stops early once the objective
-    ``sum_i w_i ||z - x_i||`` changes by at most ``eps`` times its value.
+    Minimises ``sum_i w_i g_nu(||z - x_i||)`` with ``g_nu(r) = r`` for ``r >= nu`` and
+    ``r^2 / (2 nu) + nu / 2`` below (the ``nu``-smoothed geometric median; with every distance
+    at least ``nu`` at the solution it is the geometric median). From the coordinate-wise
+    (weighted) median ``z_0``, repeat ``beta_i = w_i / max(nu, ||z - x_i||)``,
+    ``z <- sum_i beta_i x_i / sum_i beta_i`` (each step lowers the objective) until the
+    relative change ``||z_new - z|| <= tol * max(||z_new||, nu)`` or ``max_iter`` steps
+    (``nu`` floors the scale so a median near 0 does not need exact zeros to stop).
+    :attr:`iterations` is how many steps the last call took.
     """
 
     name = "geomed"
+    iterations: int = 0
 
     @dataclass
     class Config:
-        """``nu`` smoothing, ``T`` Weiszfeld iterations, ``eps`` relative stopping tolerance."""
+        """``nu`` smoothing; ``tol`` relative change that stops; ``max_iter`` cap on steps."""
 
         nu: float = field(default=0.1, metadata={"gt": 0.0})
-        T: int = field(default=3, metadata={"ge": 1})
-        eps: float = field(default=1e-8, metadata={"ge": 0.0})
+        tol: float = field(default=1e-6, metadata={"ge": 0.0})
+        max_iter: int = field(default=100, metadata={"ge": 1})
 
     def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         alpha = torch.ones(rows.shape[0], device=rows.device) if w is None else w
-        z = torch.zeros(rows.shape[1], device=rows.device)
-        prev = None
-        for _ in range(self.cfg.T):
-            dist = (rows - z).norm(dim=1)
-            obj = float(alpha @ dist)
-            if prev is not None and abs(prev - obj) <= self.cfg.eps * obj:
+        z = _coord_median(rows, w)
+        nu, tol = self.cfg.nu, self.cfg.tol
+        self.iterations = 0
+        for _ in range(self.cfg.max_iter):
+            beta = alpha / (rows - z).norm(dim=1).clamp_min(nu)
+            new = (beta @ rows) / beta.sum()
+            step, scale = float((new - z).norm()), max(float(new.norm()), nu)
+            z = new
+            self.iterations += 1
+            if step <= tol * scale:
                 break
-            prev = obj
-            beta = alpha / dist.clamp_min(self.cfg.nu)
-            z = (beta @ rows) / beta.sum()
         return z
 
 
