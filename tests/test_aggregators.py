@@ -162,6 +162,27 @@ def test_cclip_rule_and_state():
     assert not torch.allclose(second, torch.tensor([0.3, 0.4]))  # the center persisted
 
 
+class Recorder(Mean):
+    """A mean that keeps the rows (and weights) it was given."""
+
+    def _aggregate(self, rows, w, n_all):
+        self.seen = (rows.clone(), None if w is None else w.clone())
+        return super()._aggregate(rows, w, n_all)
+
+
+def test_nnm_known_mixed_rows():
+    # f=1: each row becomes the mean of its n - f = 2 nearest rows, itself included
+    rows = torch.tensor([[0.0], [1.0], [10.0]])
+    inner = Recorder()
+    out = NNM(f=1, inner=inner)(rows)
+    torch.testing.assert_close(inner.seen[0], torch.tensor([[0.5], [0.5], [5.5]]))
+    torch.testing.assert_close(out, torch.tensor([6.5 / 3]))
+    w = torch.tensor([1.0, 3.0, 1.0])  # weighted means of the same neighbourhoods: (10 + 3) / 4
+    NNM(f=1, inner=inner)(rows, w)
+    torch.testing.assert_close(inner.seen[0], torch.tensor([[0.75], [0.75], [3.25]]))
+    assert torch.equal(inner.seen[1], w)
+
+
 def test_nnm_mixing():
     rows = torch.randn(5, 3, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(NNM(f=0, inner="mean")(rows), rows.mean(0))
