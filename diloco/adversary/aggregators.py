@@ -2,15 +2,27 @@
 
 Every aggregator is called as ``agg(rows, weights=None)``. Weights scale a row's share in the
 averaging steps only; the selection steps (trimming, Krum scores, nearest neighbours, buckets)
-count rows, so a worker cannot buy its way past a filter with a large weight. ``f`` is the
-number of Byzantine rows tolerated; rules that need ``n > 2f`` check it at call time and raise
-``ValueError`` naming ``f`` and ``n``. Stateful rules (:class:`CenteredClipping`,
-:class:`Bucketing`) carry their state in ``state_dict``.
+count rows, so a worker cannot buy its way past a filter with a large weight. Stateful rules
+(:class:`CenteredClipping`, :class:`Bucketing`) carry their state in ``state_dict``.
+
+Absent rows. A row of weight 0 (an absent worker under faults or a deadline sends an all-zero
+row with weight 0; a validator may score a row 0) is dropped before any rule sees the rows:
+it never enters a selection, a trimming, a neighbourhood or a bucket, so every rule returns
+what it returns on the present rows alone.
+
+``f`` is the number of Byzantine rows tolerated; rules with an ``f`` need ``n > 2f`` rows.
+Called with ``n <= 2f`` rows in all, they raise ``ValueError`` naming ``f`` and ``n`` (the
+pipeline probes every aggregator with ``workers.count`` rows at build time and reports this as
+a config error). When the rows given satisfy ``n > 2f`` but too few are *present* (weight > 0),
+``f`` is lowered for that call to ``(n_present - 1) // 2``, the most the present rows allow,
+and a warning is logged: the run goes on and the result is never NaN, but it tolerates fewer
+Byzantine rows in that round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,18 +31,28 @@ from torch import Tensor
 
 from diloco.config import ConfigError, configure, import_target
 
+log = logging.getLogger(__name__)
+
 
 def _rule(name: str) -> dict[str, Any]:
     return {"_target_": f"{__name__}.{name}"}
 
 
-def _check_f(f: int, n: int) -> None:
-    if n <= 2 * f:
-        raise ValueError(f"f={f} needs n > 2f rows, got n={n}")
-
-
 def _wmean(rows: Tensor, w: Tensor | None) -> Tensor:
     return rows.mean(0) if w is None else (w @ rows) / w.sum()
+
+
+def _coord_median(rows: Tensor, w: Tensor | None) -> Tensor:
+    """Coordinate-wise (weighted) median; see :class:`CoordinateMedian`."""
+    n = rows.shape[0]
+    vals, idx = rows.sort(dim=0)
+    if w is None:
+        return (vals[(n - 1) // 2] + vals[n // 2]) / 2
+    cum = w[idx].cumsum(0)
+    half, tol = cum[-1] / 2, cum[-1] * 1e-6
+    lo = (cum < half - tol).sum(0, keepdim=True).clamp_max(n - 1)
+    hi = (cum <= half + tol).sum(0, keepdim=True).clamp_max(n - 1)
+    return ((vals.gather(0, lo) + vals.gather(0, hi)) / 2)[0]
 
 
 def _sq_dists(rows: Tensor) -> Tensor:
@@ -40,7 +62,11 @@ def _sq_dists(rows: Tensor) -> Tensor:
 
 
 class Aggregator:
-    """Base class: checks the inputs, casts to fp32 and calls :meth:`_aggregate`."""
+    """Base class: checks inputs, casts to fp32, drops rows of weight 0, calls :meth:`_aggregate`.
+
+    ``_aggregate(rows, w, n_all)`` gets the present rows only (``w`` is ``None`` or all > 0);
+    ``n_all`` is how many rows the caller gave, present or not, for :meth:`_f`.
+    """
 
     name = "aggregator"
     Config: Any = None
@@ -60,10 +86,36 @@ class Aggregator:
                 raise ValueError(f"{self.name}: weights {tuple(w.shape)} != ({rows.shape[0]},)")
             if not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
                 raise ValueError(f"{self.name}: weights must be finite, >= 0, not all zero")
-        return self._aggregate(rows, w).float()
+        n_all = rows.shape[0]
+        if w is not None and bool((w == 0).any()):  # absent rows never enter a selection
+            present = w > 0
+            rows, w = rows[present], w[present]
+        return self._run(rows, w, n_all)
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _run(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        """Aggregate present rows (the entry point a composed rule uses for its inner rule)."""
+        return self._aggregate(rows, w, n_all).float()
+
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         raise NotImplementedError
+
+    def _f(self, n: int, n_all: int) -> int:
+        """The ``f`` this call tolerates with ``n`` present rows out of ``n_all`` given.
+
+        ``cfg.f`` when ``n > 2f``; ``ValueError`` when ``n_all <= 2f`` (misconfigured);
+        otherwise (absent rows left too few) ``(n - 1) // 2``, with a warning.
+        """
+        f = int(self.cfg.f)
+        if n > 2 * f:
+            return f
+        if n_all <= 2 * f:
+            raise ValueError(f"f={f} needs n > 2f rows, got n={n_all}")
+        lowered = (n - 1) // 2
+        log.warning(
+            "%s: %d of %d rows present (the rest weight 0); f=%d lowered to %d for this call",
+            self.name, n, n_all, f, lowered,
+        )  # fmt: skip
+        return lowered
 
     def state_dict(self) -> dict[str, Any]:
         """State carried across calls (empty for stateless rules)."""
@@ -82,7 +134,7 @@ class Mean(Aggregator):
     class Config:
         """No parameters."""
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         return _wmean(rows, w)
 
 
@@ -100,16 +152,8 @@ class CoordinateMedian(Aggregator):
     class Config:
         """No parameters."""
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
-        n = rows.shape[0]
-        vals, idx = rows.sort(dim=0)
-        if w is None:
-            return (vals[(n - 1) // 2] + vals[n // 2]) / 2
-        cum = w[idx].cumsum(0)
-        half, tol = cum[-1] / 2, cum[-1] * 1e-6
-        lo = (cum < half - tol).sum(0, keepdim=True).clamp_max(n - 1)
-        hi = (cum <= half + tol).sum(0, keepdim=True).clamp_max(n - 1)
-        return ((vals.gather(0, lo) + vals.gather(0, hi)) / 2)[0]
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        return _coord_median(rows, w)
 
 
 class TrimmedMean(Aggregator):
@@ -127,9 +171,9 @@ class TrimmedMean(Aggregator):
 
         f: int = field(default=1, metadata={"ge": 0})
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
-        n, f = rows.shape[0], self.cfg.f
-        _check_f(f, n)
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        n = rows.shape[0]
+        f = self._f(n, n_all)
         vals, idx = rows.sort(dim=0)
         kept = vals[f : n - f]
         if w is None:
@@ -141,53 +185,66 @@ class TrimmedMean(Aggregator):
 class GeometricMedian(Aggregator):
     """Geometric median by smoothed Weiszfeld (Pillutla et al., RFA, arXiv 1912.13445).
 
-    From ``z_0 = 0``, ``T`` times: ``beta_i = w_i / max(nu, ||z - x_i||)`` and
-    ``z <- sum_i beta_i x_i / sum_i beta_i``. Stops early once the objective
-    ``sum_i w_i ||z - x_i||`` changes by at most ``eps`` times its value.
+    Minimises ``sum_i w_i g_nu(||z - x_i||)`` with ``g_nu(r) = r`` for ``r >= nu`` and
+    ``r^2 / (2 nu) + nu / 2`` below (the ``nu``-smoothed geometric median; with every distance
+    at least ``nu`` at the solution it is the geometric median). From the coordinate-wise
+    (weighted) median ``z_0``, repeat ``beta_i = w_i / max(nu, ||z - x_i||)``,
+    ``z <- sum_i beta_i x_i / sum_i beta_i`` (each step lowers the objective) until the
+    relative change ``||z_new - z|| <= tol * max(||z_new||, nu)`` or ``max_iter`` steps
+    (``nu`` floors the scale so a median near 0 does not need exact zeros to stop).
+    :attr:`iterations` is how many steps the last call took.
     """
 
     name = "geomed"
+    iterations: int = 0
 
     @dataclass
     class Config:
-        """``nu`` smoothing, ``T`` Weiszfeld iterations, ``eps`` relative stopping tolerance."""
+        """``nu`` smoothing; ``tol`` relative change that stops; ``max_iter`` cap on steps."""
 
         nu: float = field(default=0.1, metadata={"gt": 0.0})
-        T: int = field(default=3, metadata={"ge": 1})
-        eps: float = field(default=1e-8, metadata={"ge": 0.0})
+        tol: float = field(default=1e-6, metadata={"ge": 0.0})
+        max_iter: int = field(default=100, metadata={"ge": 1})
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         alpha = torch.ones(rows.shape[0], device=rows.device) if w is None else w
-        z = torch.zeros(rows.shape[1], device=rows.device)
-        prev = None
-        for _ in range(self.cfg.T):
-            dist = (rows - z).norm(dim=1)
-            obj = float(alpha @ dist)
-            if prev is not None and abs(prev - obj) <= self.cfg.eps * obj:
+        z = _coord_median(rows, w)
+        nu, tol = self.cfg.nu, self.cfg.tol
+        self.iterations = 0
+        for _ in range(self.cfg.max_iter):
+            beta = alpha / (rows - z).norm(dim=1).clamp_min(nu)
+            new = (beta @ rows) / beta.sum()
+            step, scale = float((new - z).norm()), max(float(new.norm()), nu)
+            z = new
+            self.iterations += 1
+            if step <= tol * scale:
                 break
-            prev = obj
-            beta = alpha / dist.clamp_min(self.cfg.nu)
-            z = (beta @ rows) / beta.sum()
         return z
 
 
 def _krum_scores(rows: Tensor, f: int) -> Tensor:
-    """Sum of squared distances to the ``max(n - f - 2, 1)`` nearest other rows."""
+    """Sum of squared distances to the ``n - f - 1`` nearest other rows (needs ``n > 2f``)."""
     n = rows.shape[0]
-    _check_f(f, n)
-    d = _sq_dists(rows)
-    k = min(max(n - f - 2, 1), n - 1)
+    k = n - f - 1
     if k == 0:
         return torch.zeros(n, device=rows.device)
-    return d.sort(dim=1).values[:, 1 : k + 1].sum(1)
+    return _sq_dists(rows).sort(dim=1).values[:, 1 : k + 1].sum(1)  # column 0: the row itself
 
 
 class Krum(Aggregator):
-    """Krum (Blanchard et al., NeurIPS 2017): the row with the lowest score.
+    """Krum (Blanchard et al., NeurIPS 2017, arXiv 1703.02757): the row with the lowest score.
 
-    ``score_i = sum of ||x_i - x_j||^2 over the n - f - 2 nearest j != i`` (at least one
-    neighbour, so the rule stays meaningful when ``n = 2f + 1, 2f + 2``). Ties go to the lowest
-    index. Needs ``n > 2f``.
+    ``score_i = sum of ||x_i - x_j||^2 over the n - f - 1 nearest j != i`` (the ``n - f``
+    nearest rows counting ``x_i`` itself), ``i* = argmin_i score_i``, output ``x_{i*}``. Ties go
+    to the lowest index. Needs ``n > 2f``.
+
+    Convention: Blanchard et al. sum over ``n - f - 2`` neighbours and prove resilience for
+    ``n > 2f + 2``; at ``n = 2f + 1`` that sum covers only ``f - 1`` rows, so ``f`` colluding
+    rows placed together score 0 and win however far they are. Here the neighbourhood is the
+    ``n - f`` nearest rows including the row itself, the convention of Allouah et al.
+    (AISTATS 2023, arXiv 2302.01772, "Fixing by Mixing"), which needs only ``n > 2f``: the
+    ``n - f - 1 >= f`` neighbours of a Byzantine row always include an honest one, while an
+    honest row has ``n - f - 1`` honest neighbours to choose from.
     """
 
     name = "krum"
@@ -198,15 +255,17 @@ class Krum(Aggregator):
 
         f: int = field(default=1, metadata={"ge": 0})
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
-        return rows[int(_krum_scores(rows, self.cfg.f).argmin())]
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        f = self._f(rows.shape[0], n_all)
+        return rows[int(_krum_scores(rows, f).argmin())]
 
 
 class MultiKrum(Aggregator):
-    """Multi-Krum (Blanchard et al., NeurIPS 2017): mean of the ``m`` lowest Krum scores.
+    """Multi-Krum (Blanchard et al., NeurIPS 2017, arXiv 1703.02757): mean of the best ``m``.
 
-    ``m=None`` means ``n - f``. Scores as :class:`Krum`; the mean is weighted if weights are
-    given. Needs ``n > 2f`` and ``m <= n``.
+    The ``m`` rows of lowest Krum score (scores as :class:`Krum`, over the ``n - f - 1``
+    nearest other rows; ties to the lowest index) are averaged, weighted if weights are given.
+    ``m=None`` means ``n - f``. Needs ``n > 2f`` and ``m <= n``.
     """
 
     name = "multikrum"
@@ -218,12 +277,16 @@ class MultiKrum(Aggregator):
         f: int = field(default=1, metadata={"ge": 0})
         m: int | None = field(default=None, metadata={"ge": 1})
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         n = rows.shape[0]
-        m = n - self.cfg.f if self.cfg.m is None else self.cfg.m
-        if m > n:
-            raise ValueError(f"m={m} needs m <= n rows, got n={n}")
-        keep = _krum_scores(rows, self.cfg.f).sort(stable=True).indices[:m]
+        f = self._f(n, n_all)
+        m = n - f if self.cfg.m is None else self.cfg.m
+        if m > n_all:
+            raise ValueError(f"m={m} needs m <= n rows, got n={n_all}")
+        if m > n:  # absent rows left fewer than m: keep the n - f best
+            log.warning("multikrum: %d of %d rows present; m=%d lowered to %d", n, n_all, m, n - f)
+            m = n - f
+        keep = _krum_scores(rows, f).sort(stable=True).indices[:m]
         return _wmean(rows[keep], None if w is None else w[keep])
 
 
@@ -248,7 +311,7 @@ class CenteredClipping(Aggregator):
         super().__init__(cfg, **kwargs)
         self.center: Tensor | None = None
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
         v = self.center
         if v is None:
             v = torch.zeros(rows.shape[1], device=rows.device)
@@ -291,11 +354,12 @@ class _PreAggregation(Aggregator):
         f = getattr(self.cfg, "f", None)
         self.inner = given if given is not None else _inner(self.cfg.inner, f)
 
-    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _mix(self, rows: Tensor, w: Tensor | None, n_all: int) -> tuple[Tensor, Tensor | None, int]:
+        """Mixed rows, their weights, and how many the mix of all ``n_all`` rows would give."""
         raise NotImplementedError
 
-    def _aggregate(self, rows: Tensor, w: Tensor | None) -> Tensor:
-        return self.inner(*self._mix(rows, w))
+    def _aggregate(self, rows: Tensor, w: Tensor | None, n_all: int) -> Tensor:
+        return self.inner._run(*self._mix(rows, w, n_all))
 
     def state_dict(self) -> dict[str, Any]:
         """The inner rule's state."""
@@ -323,14 +387,14 @@ class NNM(_PreAggregation):
         f: int = field(default=1, metadata={"ge": 0})
         inner: dict[str, Any] = field(default_factory=lambda: _rule("TrimmedMean"))
 
-    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _mix(self, rows: Tensor, w: Tensor | None, n_all: int) -> tuple[Tensor, Tensor | None, int]:
         n = rows.shape[0]
-        _check_f(self.cfg.f, n)
-        near = _sq_dists(rows).sort(dim=1, stable=True).indices[:, : n - self.cfg.f]
+        f = self._f(n, n_all)
+        near = _sq_dists(rows).sort(dim=1, stable=True).indices[:, : n - f]
         mix = torch.zeros(n, n, device=rows.device)
         mix.scatter_(1, near, 1.0 if w is None else w[near])
         mix = mix / mix.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return mix @ rows, w
+        return mix @ rows, w, n_all
 
 
 class Bucketing(_PreAggregation):
@@ -355,7 +419,7 @@ class Bucketing(_PreAggregation):
         super().__init__(cfg, **kwargs)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
 
-    def _mix(self, rows: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _mix(self, rows: Tensor, w: Tensor | None, n_all: int) -> tuple[Tensor, Tensor | None, int]:
         n, dev = rows.shape[0], rows.device
         perm = torch.randperm(n, generator=self.generator).to(dev)
         bucket = torch.empty(n, dtype=torch.long, device=dev)
@@ -363,9 +427,8 @@ class Bucketing(_PreAggregation):
         mix = torch.zeros(-(-n // self.cfg.s), n, device=dev)
         mix[bucket, torch.arange(n, device=dev)] = 1.0 if w is None else w
         bw = mix.sum(1)
-        return (mix / bw.clamp_min(torch.finfo(torch.float32).tiny)[:, None]) @ rows, (
-            None if w is None else bw
-        )
+        means = (mix / bw.clamp_min(torch.finfo(torch.float32).tiny)[:, None]) @ rows
+        return means, None if w is None else bw, -(-n_all // self.cfg.s)
 
     def state_dict(self) -> dict[str, Any]:
         """The shuffle generator's state and the inner rule's state."""
