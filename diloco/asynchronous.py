@@ -37,13 +37,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from diloco.clock import SimClock
-from diloco.comm.base import Communicator
 from diloco.comm.inprocess import InProcessComm
 from diloco.config import ConfigError
 from diloco.faults import RoundFaults
 from diloco.profiles import Profiles
-from diloco.sync import Progress, RoundPlan
+from diloco.sync import Progress, RoundEnd, RoundPlan
 
 STALENESS = "sync/staleness"
 WEIGHT = "sync/weight"
@@ -161,26 +159,18 @@ class Async:
     def _end(self, progress: Progress) -> float:
         return progress.total_steps * self.schedule.step_s
 
-    def finish(
-        self,
-        plan: RoundPlan,
-        progress: Progress,
-        clock: SimClock,
-        comm: Communicator,
-        timing: tuple[float, int, int],
-    ) -> tuple[int, bool]:
+    def finish(self, plan: RoundPlan, end: RoundEnd) -> tuple[int, bool]:
         """The push and pull delay the worker's next cycle; modelled time jumps to the push."""
         sched = self.schedule
-        [push] = comm.drain()
+        [push] = end.comm.drain()
         i = push.senders[0]
-        comm_s = clock.push_pull(i, push.nbytes, push.pull_nbytes)
+        comm_s = end.clock.push_pull(i, push.nbytes, push.pull_nbytes)
         now = sched.served(i, comm_s)
-        clock.advance_to(now, comm_s)
-        end_s = self._end(progress)
-        last = sched.finish[sched.next_worker()] > end_s + 1e-9
-        total = progress.total_steps
+        end.clock.advance_to(now, comm_s)
+        last = sched.finish[sched.next_worker()] > self._end(end.progress) + 1e-9
+        total = end.progress.total_steps
         step = total if last else min(total, math.floor(now / sched.step_s))
-        return max(step, progress.step), last
+        return max(step, end.progress.step), last
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule."""

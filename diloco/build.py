@@ -57,7 +57,6 @@ class Parts:
     algorithm: Any
     exchange: ExchangePipeline
     samplers: list[Any]  # every worker's data sampler (the validator reads any worker's)
-    assigned: dict[int, Batch]  # each worker's latest assigned batch (for the validator)
     eval_set: list[Batch]
     profiles: Profiles
     clock: SimClock
@@ -99,7 +98,11 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
     def to_device(batch: Batch) -> Batch:
         return batch[0].to(device), batch[1].to(device)
 
-    assigned: dict[int, Batch] = {}
+    def assigned(i: int, fallback: Batch) -> Batch:
+        """Worker ``i``'s latest assigned batch (a poisoner's clean one), else ``fallback``."""
+        last = samplers[i].last_assigned
+        return fallback if last is None else to_device(last)
+
     validator = None
     if cfg.validator is not None:
         b = cfg.train.batch_size
@@ -108,7 +111,7 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
             spare = corpus.eval[:b]
         held = to_device((spare[:, :-1], spare[:, 1:]))
         validator = build(
-            cfg.validator, "validator", _loss_at(group), lambda i: assigned.get(i, held), held,
+            cfg.validator, "validator", _loss_at(group), lambda i: assigned(i, held), held,
             lambda: group.global_param.data, byzantine,
         )  # fmt: skip
     exchange = ExchangePipeline.from_config(
@@ -128,7 +131,7 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
     )  # fmt: skip
     faults = Faults(cfg.faults, k, cfg.seed)
     parts = Parts(
-        cfg, device, comm, corpus, group, algorithm, exchange, samplers, assigned, eval_set,
+        cfg, device, comm, corpus, group, algorithm, exchange, samplers, eval_set,
         profiles, clock, policy, faults, progress,
     )  # fmt: skip
     for part in (algorithm, validator, faults):  # each checks what it imposes on the others

@@ -454,6 +454,7 @@ class ShardSampler:
         self.batch_size, self.seed, self.worker_id = batch_size, seed, worker_id
         self.epoch = self.position = 0
         self._order: tuple[int, torch.Tensor] | None = None
+        self.last_assigned: tuple[torch.Tensor, torch.Tensor] | None = None  # the last batch
 
     def _epoch_order(self) -> torch.Tensor:
         if self._order is None or self._order[0] != self.epoch:
@@ -473,7 +474,8 @@ class ShardSampler:
             if self.position == len(self.indices):
                 self.epoch, self.position = self.epoch + 1, 0
         seqs = self.data[torch.cat(picks)]
-        return seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+        self.last_assigned = seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+        return self.last_assigned
 
     def state_dict(self) -> dict[str, int]:
         """Where the sampler is: ``epoch`` and ``position`` within that epoch's permutation."""

@@ -78,6 +78,22 @@ class RoundPlan:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class RoundEnd:
+    """What a policy needs to account a round's time once its exchange is done.
+
+    ``measured_s``: seconds the round's inner steps took here; ``local_steps``: worker-steps
+    they ran in this process; ``overlap_steps``: inner steps the exchange runs behind.
+    """
+
+    progress: Progress
+    clock: SimClock
+    comm: Communicator
+    measured_s: float
+    local_steps: int
+    overlap_steps: int
+
+
 class SyncPolicy(Protocol):
     """Plans rounds and accounts their modelled time."""
 
@@ -92,19 +108,8 @@ class SyncPolicy(Protocol):
         """The next round, or None when the run is over."""
         ...
 
-    def finish(
-        self,
-        plan: RoundPlan,
-        progress: Progress,
-        clock: SimClock,
-        comm: Communicator,
-        timing: tuple[float, int, int],
-    ) -> tuple[int, bool]:
-        """After the round's exchange: advance the clock; the new reference step, and last?
-
-        ``timing`` is (measured seconds of the inner steps, worker-steps run in this process,
-        inner steps the exchange overlaps).
-        """
+    def finish(self, plan: RoundPlan, end: RoundEnd) -> tuple[int, bool]:
+        """After the round's exchange: advance the clock; the new reference step, and last?"""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -145,20 +150,12 @@ class All:
         weights = torch.tensor(steps, dtype=torch.float32) if uneven else None
         return RoundPlan(steps, n, progress.step, speeds, weights)
 
-    def finish(
-        self,
-        plan: RoundPlan,
-        progress: Progress,
-        clock: SimClock,
-        comm: Communicator,
-        timing: tuple[float, int, int],
-    ) -> tuple[int, bool]:
+    def finish(self, plan: RoundPlan, end: RoundEnd) -> tuple[int, bool]:
         """The slowest worker's compute, then the collectives' network time."""
-        measured_s, here, overlap = timing
-        clock.compute(plan.steps, measured_s, plan.speeds, here)
-        clock.exchange(comm.drain(), comm.num_workers, overlap)
-        step = progress.step + plan.length
-        return step, step >= progress.total_steps
+        end.clock.compute(plan.steps, end.measured_s, plan.speeds, end.local_steps)
+        end.clock.exchange(end.comm.drain(), end.comm.num_workers, end.overlap_steps)
+        step = end.progress.step + plan.length
+        return step, step >= end.progress.total_steps
 
     def state_dict(self) -> dict[str, Any]:
         """Stateless: rounds follow from the progress."""

@@ -37,7 +37,7 @@ from diloco.algorithms import StepContext
 from diloco.build import Parts, build_comm, build_parts
 from diloco.config import Config, ConfigError
 from diloco.data import Corpus, load_corpus
-from diloco.sync import RoundPlan
+from diloco.sync import RoundEnd, RoundPlan
 from diloco.workers import Batch, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -115,17 +115,14 @@ class Trainer:
         active = active or [True] * self.cfg.workers.count
         advance = step is None
         step = self.progress.step if step is None else step
-        scored = self.exchange.validator is not None  # it scores on the data assigned
+        # the validator scores every worker's payload on the data it was assigned, so with
+        # one every process draws every worker's batch (samplers remember the last one)
+        scored = self.exchange.validator is not None
         local = set(self.local_ids)
         batches: list[Batch | None] = [
             self._to_device(s.next_batch()) if a and (i in local or scored) else None
             for i, (s, a) in enumerate(zip(self.samplers, active, strict=True))
         ]
-        if scored:
-            for i, (sampler, batch) in enumerate(zip(self.samplers, batches, strict=True)):
-                clean = getattr(sampler, "last_clean", None)  # a poisoner's real data
-                if batch is not None:
-                    self.parts.assigned[i] = batch if clean is None else self._to_device(clean)
         losses = self.group.forward_backward([batches[i] for i in self.local_ids])
         mult = lr_multiplier(step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
         ctx = StepContext(self.exchange, self.comm.all_gather_parts, mult, tc.grad_clip, step + 1)
@@ -191,9 +188,8 @@ class Trainer:
         self.progress.worker_steps += torch.tensor(plan.steps)
         overlap = self._sync(plan.steps, plan)
         before = self.progress.step
-        step, last = self.policy.finish(
-            plan, self.progress, self.clock, self.comm, (measured_s, here, overlap)
-        )
+        end = RoundEnd(self.progress, self.clock, self.comm, measured_s, here, overlap)
+        step, last = self.policy.finish(plan, end)
         self.progress.step = step
         self._end_round(row, step - before, logger, last)
 

@@ -51,11 +51,12 @@ class PoisonedSampler:
             raise ValueError(f"poison mode {mode!r}: allowed shuffle, random")
         self.sampler, self.mode, self.vocab = sampler, mode, vocab_size
         self.seed, self.worker, self.draws = seed, worker, 0
+        self.last_assigned: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The wrapped sampler's next batch, corrupted; ``y`` stays ``x`` shifted by one."""
         x, y = self.sampler.next_batch()
-        self.last_clean = (x, y)  # what an honest worker would have trained on
+        self.last_assigned = (x, y)  # what the worker was assigned (and trains on corrupted)
         seqs = torch.cat([x, y[:, -1:]], dim=1)
         digest = hashlib.sha256(f"{self.seed}/{self.worker}/{self.draws}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
