@@ -115,6 +115,17 @@ class DeMo(Optimizer):
         update, on CPU and GPU alike. Gathered indices are trusted: they must lie in
         ``[0, chunk elements)`` and be distinct within a worker's row.
 
+    Reproducibility:
+        The sign step turns any float difference in the aggregate into a step of
+        ``2 * lr`` once it crosses zero, and the error feedback keeps such differences
+        in the momentum, so runs drift apart from the first differing bit. A run is
+        bitwise repeatable, and a simulation equal to the same workers over ranks,
+        only when every worker computes the same gradients: on CPU that needs the same
+        ``torch.get_num_threads()`` in every process (PyTorch's LayerNorm weight
+        gradient, for one, sums in a thread-count dependent order; torchrun starts
+        every rank with ``OMP_NUM_THREADS=1``). The optimizer's own encode and apply
+        do not depend on how many workers a process hosts or on its rank.
+
     Args:
         params: Parameters or parameter groups. Per-group keys: ``lr``,
             ``weight_decay``, ``compression_decay``, ``compression_topk``,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -31,7 +32,10 @@ from demo_optim import (
     unpack_signs,
 )
 
-scipy_fft = pytest.importorskip("scipy.fft")
+
+def scipy_fft():
+    """``scipy.fft``, or skip the calling test (only the scipy comparisons need it)."""
+    return pytest.importorskip("scipy.fft")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,17 +122,14 @@ def run_threads(fns) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 7, 29, 60, 64])
 def test_dct_basis_orthonormal_and_equal_to_scipy(n):
+    fft = scipy_fft()
     d = dct_basis(n, dtype=torch.float64)
     np.testing.assert_allclose(d @ d.T, np.eye(n), atol=1e-12)
-    ref = scipy_fft.dct(np.eye(n), type=2, norm="ortho", axis=0)
+    ref = fft.dct(np.eye(n), type=2, norm="ortho", axis=0)
     np.testing.assert_allclose(d.numpy(), ref, atol=1e-12)
     x = torch.randn(5, n, dtype=torch.float64)
-    np.testing.assert_allclose(
-        dct_nd(x).numpy(), scipy_fft.dct(x.numpy(), norm="ortho"), atol=1e-12
-    )
-    np.testing.assert_allclose(
-        idct_nd(x).numpy(), scipy_fft.idct(x.numpy(), norm="ortho"), atol=1e-12
-    )
+    np.testing.assert_allclose(dct_nd(x).numpy(), fft.dct(x.numpy(), norm="ortho"), atol=1e-12)
+    np.testing.assert_allclose(idct_nd(x).numpy(), fft.idct(x.numpy(), norm="ortho"), atol=1e-12)
 
 
 def test_dct_basis_is_cached_per_device_and_dtype():
@@ -146,12 +147,13 @@ def test_dct_roundtrip(shape):
 
 
 def test_chunked_dct_matches_scipy_2d():
+    fft = scipy_fft()
     x = torch.randn(2, 96, 100, dtype=torch.float64)
     chunks = to_chunks(x, (48, 50))
     assert chunks.shape == (2 * 2 * 2, 48, 50)
     # Chunk-major order: (leading, chunk row, chunk column).
     torch.testing.assert_close(chunks[3], x[0, 48:, 50:])
-    ref = scipy_fft.dctn(chunks.numpy(), type=2, norm="ortho", axes=(1, 2))
+    ref = fft.dctn(chunks.numpy(), type=2, norm="ortho", axes=(1, 2))
     np.testing.assert_allclose(dct_encode(x, 64).numpy(), ref, atol=1e-12)
 
 
@@ -652,3 +654,84 @@ def test_closure_loss_is_returned():
 
     loss = opt.step(closure)
     assert loss is not None and torch.isfinite(loss)
+
+
+# Two gloo ranks: opt.step() with DeMo's default all-gather (no gather_fn) must give both
+# ranks the parameters of one process that stacks the same two payloads and applies them.
+RANK_OPTIONS = [
+    {},
+    {"index_dtype": "auto", "value_dtype": torch.bfloat16, "compression_topk": 4},
+    {"sign_values": True, "weight_decay": 0.1},
+]
+RANK_STEPS = 3
+
+
+def _rank_grads(params, rank: int, step: int) -> list[Tensor]:
+    return rand_grads(params, seed=1000 * step + rank)
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: a DeMo per option set, stepped with the default torch.distributed gather."""
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        result = []
+        for options in RANK_OPTIONS:
+            params = make_params(dtype=torch.float32)
+            opt = DeMo(params, 0.01, **options)
+            for step in range(RANK_STEPS):
+                set_grads(params, _rank_grads(params, rank, step))
+                opt.step()
+            result.append(([p.detach() for p in params], [opt.state[p]["delta"] for p in params]))
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_default_all_gather_equals_single_process_reference(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    world = 2
+    ctx = mp.start_processes(
+        _rank_main,
+        args=(world, free_port(), str(tmp_path)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "ranks timed out"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for i, options in enumerate(RANK_OPTIONS):
+        base = make_params(dtype=torch.float32)
+        workers = [clone_params(base) for _ in range(world)]
+        opts = [DeMo(ps, 0.01, **options) for ps in workers]
+        for step in range(RANK_STEPS):
+            for r, ps in enumerate(workers):
+                set_grads(ps, _rank_grads(ps, r, step))
+            simulated_step(opts)  # encode both, stack in rank order, apply on both
+        for r in range(world):
+            params, deltas = ranks[r][i]
+            for got, want in zip(params, workers[r], strict=True):
+                assert torch.equal(got, want.detach()), (options, r)
+            for got, p in zip(deltas, workers[r], strict=True):
+                assert torch.equal(got, opts[r].state[p]["delta"]), (options, r)
+        for a, b in zip(ranks[0][i][0], ranks[1][i][0], strict=True):
+            assert torch.equal(a, b)
+        assert not torch.equal(ranks[0][i][1][0], ranks[1][i][1][0])  # the ranks did differ
