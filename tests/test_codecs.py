@@ -27,7 +27,7 @@ SHAPES = [(1, 1), (2, 7), (3, 100), (2, 257), (4, 1000)]
 
 
 def compose(**kwargs):
-    """A sparsifier composed with a value codec (conf/codec/sparseloco.yaml is one)."""
+    """A sparsifier composed with a value codec (conf/codec/topk_int4.yaml is one)."""
     from diloco.config import from_dict
 
     return Compose(from_dict(Compose.Config, kwargs, "codec"))

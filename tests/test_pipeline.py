@@ -97,8 +97,14 @@ def test_sparse_payloads_are_all_gathered(tmp_path):
 
 
 def test_sparseloco_config_runs(tmp_path):
-    cfg = make_config(*DILOCO, "algorithm=sparseloco", "codec.sparsifier.fraction=0.2")
-    assert cfg.codec["_target_"].endswith(".Compose") and cfg.algorithm["name"] == "sparseloco"
+    cfg = make_config(*DILOCO, "algorithm=sparseloco", "codec.chunk=64", "codec.k=16")
+    assert cfg.codec["_target_"].endswith(".ChunkTopK") and cfg.algorithm["name"] == "sparseloco"
+    assert cfg.codec["error_feedback"] and cfg.codec["ef_decay"] == 0.95
+    assert cfg.algorithm["outer_optimizer"] == {
+        "_target_": "torch.optim.SGD",
+        "lr": 1.0,
+        "momentum": 0.0,
+    }
     trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     before = trainer.evaluate()
     summary = trainer.fit()

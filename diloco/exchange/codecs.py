@@ -15,6 +15,9 @@ produced (:func:`nbytes_per_worker`), so padding and bit packing are charged exa
     topk, randk  fp32 values + bit-packed indices           4 k + ceil(k w / 8)
     dct_topk     same per chunk of c (C = ceil(P / c))      4 C k + ceil(C k w_c / 8)
     compose      sparsifier indices + value codec over k
+    chunk_topk   SparseLoCo's codec (C k values of b bits,  ceil(C k b / 8) + ceil(C k w_c / 8)
+                 12-bit indices for c = 4096, fp32 stats)    + 4 (2**b + 1) C; in
+                                                             :mod:`diloco.exchange.sparseloco`
 
 Indices are bit-packed LSB-first into ``uint8`` with the fewest bits that hold ``P - 1``
 (``w_c`` bits for ``c - 1`` in ``dct_topk``); bit ``j`` of the packed stream is bit ``j % 8``
@@ -205,7 +208,7 @@ class Sign(Codec):
 class Compose(Codec):
     """Sparsify, then encode the kept ``[n, k]`` values with a value codec.
 
-    Templar's SparseLoCo sends top-k values quantized to a few bits this way. On the wire:
+    E.g. global top-k with int4 values (``conf/codec/topk_int4.yaml``). On the wire:
     the sparsifier's indices plus the value codec's values and scales. Both are ``_target_``
     nodes (``sparsifier: {_target_: ...TopK, fraction: 0.02}``, ``values: {...Int4}``).
     """
