@@ -10,7 +10,7 @@ import torch
 
 from diloco.config import ConfigError
 from diloco.trainer import Trainer
-from tests.helpers import REPO, TINY, make_config, synthetic_corpus
+from tests.helpers import REPO, TINY, count_rounds, make_config, synthetic_corpus
 
 DILOCO = (*TINY, "workers.count=4", "algorithm.inner_steps=5", "train.steps=40")
 
@@ -43,7 +43,13 @@ def test_error_feedback_state_survives_a_checkpoint(tmp_path):
     assert state["exchange"]["streams"][""]["codec"]["residual"].abs().sum() > 0
     c = Trainer.from_config(make_config(*DILOCO, *overrides), tmp_path / "c", synthetic_corpus())
     c.load_state_dict(state)
+    assert (c.step, c.round) == (20, 4)
+    assert torch.equal(
+        c.exchange.stream("")["codec"].residual, b.exchange.stream("")["codec"].residual
+    )
+    rounds_run = count_rounds(c)
     c.fit()
+    assert rounds_run == [4, 5, 6, 7]  # only the rounds left
     assert torch.equal(a.group.global_param.data, c.group.global_param.data)
 
 
