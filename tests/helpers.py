@@ -96,3 +96,16 @@ def plugin(group: str, name: str, **kwargs: object):
     from diloco.config import build
 
     return build(node(group, name, **kwargs), group)
+
+
+def count_rounds(trainer) -> list[int]:
+    """Spy on ``trainer``'s rounds: the list grows by the round number of each one it runs."""
+    seen: list[int] = []
+    round_ = trainer._round
+
+    def spy(plan, logger):
+        seen.append(trainer.round)
+        return round_(plan, logger)
+
+    trainer._round = spy
+    return seen

@@ -9,7 +9,7 @@ from diloco import checkpoint
 from diloco.asynchronous import AsyncSchedule
 from diloco.config import ConfigError
 from diloco.trainer import Trainer
-from tests.helpers import TINY, make_config, synthetic_corpus
+from tests.helpers import TINY, count_rounds, make_config, synthetic_corpus
 
 FEDAVG = (*TINY, "algorithm=fedavg", "workers.count=4", "algorithm.inner_steps=8",
           "workers.step_time_s=0.1", "train.lr_schedule=constant")  # fmt: skip
@@ -92,10 +92,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     checkpoint.save(first.state_dict(), path)
     resumed = Trainer.from_config(make_config(*common, "train.steps=48"), tmp_path / "c", corpus)
     resumed.load_state_dict(checkpoint.load(path))
+    # it continues where the first run stopped, and runs only the rounds left
+    assert (resumed.step, resumed.round) == (first.step, first.round)
+    assert 0 < first.round < straight.round
+    assert torch.equal(resumed.worker_steps, first.worker_steps)
+    rounds_run = count_rounds(resumed)
     resumed.fit()
     assert torch.equal(straight.group.global_param.data, resumed.group.global_param.data)
     assert torch.equal(straight.group.params, resumed.group.params)
     assert straight.round == resumed.round
+    assert rounds_run == list(range(first.round, straight.round))
 
 
 @pytest.mark.parametrize(

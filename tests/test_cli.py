@@ -194,10 +194,23 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not (killed / "summary.json").exists(), "run finished before it could be killed"
-    assert _final_state(killed)["step"] < 240
+    saved = _final_state(killed)["step"]
+    assert 0 < saved < 240
+    # the killed run's lines up to the checkpoint, measured times included: a run that
+    # restarted from scratch would rewrite them with other times
+    before = [
+        line
+        for line in (killed / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["step"] <= saved
+    ]
+    assert before
 
     out = cli(*small_run(corpus_dir, killed, *common, "resume=true"))
     assert out.returncode == 0, out.stderr
+    assert f"at step {saved} (round {saved // 4})" in out.stdout + out.stderr
+    after = (killed / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before  # kept, and only the steps after were run
+    assert all(json.loads(line)["step"] > saved for line in after[len(before) :])
     a, b = _final_state(full), _final_state(killed)
     assert a["step"] == b["step"] == 240
     assert torch.equal(a["group"]["global"], b["group"]["global"])

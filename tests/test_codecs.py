@@ -271,6 +271,18 @@ def test_error_feedback_rule_and_state_dict():
     torch.testing.assert_close(fresh.decode(fresh.encode(x)), out)
 
 
+def test_error_feedback_rows_that_do_not_send_keep_their_residual():
+    ef = ErrorFeedback(plugin("codec", "topk", k=1), decay=0.5)
+    x = torch.tensor([[1.0, 2.0, -4.0], [4.0, 0.5, 0.1]])
+    ef.encode(x, torch.tensor([True, False]))  # row 1 never sent: its residual stays zero
+    torch.testing.assert_close(ef.residual, torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
+    ef.encode(x)
+    kept = ef.residual.clone()
+    ef.encode(torch.zeros(2, 3), torch.tensor([False, True]))  # row 0 sits out: not decayed
+    assert torch.equal(ef.residual[0], kept[0])
+    torch.testing.assert_close(ef.residual[1], torch.tensor([0.0, 0.0, 0.05]))  # sent 0.25
+
+
 def test_registry_errors():
     with pytest.raises(ConfigError, match="codec=zip: unknown; allowed: bf16"):
         check_groups(["codec=zip"])

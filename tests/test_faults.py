@@ -76,3 +76,25 @@ def test_churn_worker_preset_selects_the_churn_faults(tmp_path):
     trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     trainer.fit()
     assert trainer.worker_steps.min() < 40  # someone left for a while
+
+
+def test_error_feedback_keeps_an_absent_worker_residual(tmp_path):
+    cfg = make_config(*FEDAVG, "faults=crash_rejoin", "codec=topk", "codec.fraction=0.05",
+                      "codec.error_feedback=true")  # fmt: skip
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
+    residuals = []
+    sync = trainer._sync
+
+    def spy(steps=None, plan=None):
+        overlap = sync(steps, plan)
+        residuals.append(trainer.exchange.stream("")["codec"].residual.clone())
+        return overlap
+
+    trainer._sync = spy
+    trainer.fit()
+    assert len(residuals) == 6 and residuals[1][1].abs().sum() > 0
+    # worker 1 is absent in rounds 2 and 3: its residual stays as it left it after round 1
+    assert torch.equal(residuals[2][1], residuals[1][1])
+    assert torch.equal(residuals[3][1], residuals[1][1])
+    assert not torch.equal(residuals[4][1], residuals[1][1])  # it sends again at the rejoin
+    assert not torch.equal(residuals[2][0], residuals[1][0])

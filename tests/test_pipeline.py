@@ -10,7 +10,7 @@ import torch
 
 from diloco.config import ConfigError
 from diloco.trainer import Trainer
-from tests.helpers import REPO, TINY, make_config, synthetic_corpus
+from tests.helpers import REPO, TINY, count_rounds, make_config, synthetic_corpus
 
 DILOCO = (*TINY, "workers.count=4", "algorithm.inner_steps=5", "train.steps=40")
 
@@ -43,7 +43,13 @@ def test_error_feedback_state_survives_a_checkpoint(tmp_path):
     assert state["exchange"]["streams"][""]["codec"]["residual"].abs().sum() > 0
     c = Trainer.from_config(make_config(*DILOCO, *overrides), tmp_path / "c", synthetic_corpus())
     c.load_state_dict(state)
+    assert (c.step, c.round) == (20, 4)
+    assert torch.equal(
+        c.exchange.stream("")["codec"].residual, b.exchange.stream("")["codec"].residual
+    )
+    rounds_run = count_rounds(c)
     c.fit()
+    assert rounds_run == [4, 5, 6, 7]  # only the rounds left
     assert torch.equal(a.group.global_param.data, c.group.global_param.data)
 
 
@@ -158,3 +164,49 @@ def test_sign_payloads_are_all_gathered(tmp_path):
     p = trainer.group.num_params
     expected = (40 // 5) * 3 * (math.ceil(p / 8) + 4)  # 1 bit per entry + one fp32 scale
     assert summary["comm_bytes_per_worker"] == pytest.approx(expected, rel=1e-12)
+
+
+def _residual_spy(trainer):
+    """Record (steps, residual before, residual after) around every sync of ``trainer``."""
+    seen = []
+    sync = trainer._sync
+
+    def spy(steps=None, plan=None):
+        codec = trainer.exchange.stream("")["codec"]
+        before = None if codec.residual is None else codec.residual.clone()
+        overlap = sync(steps, plan)
+        seen.append((list(steps), before, codec.residual.clone()))
+        return overlap
+
+    trainer._sync = spy
+    return seen
+
+
+EF_DEADLINE = ("sync=deadline", "algorithm.inner_steps=3", "train.steps=12", "codec=topk",
+               "codec.error_feedback=true", "codec.fraction=0.05")  # fmt: skip
+
+
+def test_error_feedback_keeps_a_zero_step_worker_residual(tmp_path):
+    # a worker delayed 4x for round 2 runs 0 of its 3 steps: it sends nothing that round
+    events = "faults.events=[{worker:1,round:2,kind:delay}]"
+    cfg = make_config(*DILOCO, *EF_DEADLINE, events)
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
+    seen = _residual_spy(trainer)
+    trainer.fit()
+    assert [s[1] for s, _, _ in seen] == [3, 3, 0, 3]
+    steps, before, after = seen[2]
+    assert before[1].abs().sum() > 0  # it had a residual from the rounds it sent
+    assert torch.equal(after[1], before[1])  # kept exactly: not sent, not decayed
+    assert not torch.equal(after[0], before[0])  # the senders' residuals moved on
+
+
+def test_error_feedback_residual_of_a_straggler_that_never_sends_stays_zero(tmp_path):
+    # at speed 1/4 the straggler runs floor(3 / 4) = 0 steps every round
+    cfg = make_config(*DILOCO, *EF_DEADLINE, "workers=straggler", "codec.ef_decay=0.5")
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
+    seen = _residual_spy(trainer)
+    trainer.fit()
+    assert all(s == [3, 3, 3, 0] for s, _, _ in seen)
+    residual = seen[-1][2]
+    assert torch.equal(residual[3], torch.zeros_like(residual[3]))
+    assert (residual[:3].abs().sum(1) > 0).all()

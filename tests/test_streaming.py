@@ -10,7 +10,7 @@ from diloco.algorithms.streaming import StreamingDiLoCo, fragment_indices
 from diloco.config import ConfigError
 from diloco.models import GPT, TinyMLP
 from diloco.trainer import Trainer
-from tests.helpers import TINY, make_config, synthetic_corpus
+from tests.helpers import TINY, count_rounds, make_config, synthetic_corpus
 
 STREAMING = (*TINY, "algorithm=streaming_diloco")
 
@@ -170,7 +170,11 @@ def test_resume_with_pending_merge_equals_uninterrupted(tmp_path, corpus):
     assert state["algorithm"]["pending"] == [[13, 1], [17, 0]]
     resumed = streaming(tmp_path / "c", corpus, *common, "train.steps=24")
     resumed.load_state_dict(state)
+    assert (resumed.step, resumed.round) == (12, first.round) and first.round > 0
+    assert resumed.algorithm.state_dict()["pending"] == [[13, 1], [17, 0]]
+    rounds_run = count_rounds(resumed)
     resumed.fit()
+    assert rounds_run == list(range(first.round, straight.round))  # only the rounds left
     assert torch.equal(straight.group.global_param.data, resumed.group.global_param.data)
     assert torch.equal(straight.group.params, resumed.group.params)
     for a, b in zip(straight.algorithm.state_dict()["outers"],

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from diloco.data import ShardSampler, shard_indices
 from diloco.models import TinyMLP
 from diloco.trainer import Trainer
-from diloco.workers import lr_multiplier, param_groups
+from diloco.workers import lr_multiplier
 from tests.helpers import TINY, make_config, synthetic_corpus
 
 
+def reference_lr(step, tc):
+    """The schedule written out: linear warmup to the base lr, then cosine to min_lr_ratio."""
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return 1.0
+    t = min(1.0, (step - tc.warmup_steps) / (tc.steps - tc.warmup_steps))
+    return tc.min_lr_ratio + (1.0 - tc.min_lr_ratio) * (1.0 + math.cos(math.pi * t)) / 2
+
+
 def plain_training(cfg, corpus, batches_per_step):
-    """Reference: one model, one optimizer, a standard torch loop over the given batches."""
+    """Reference: one model, one AdamW, a standard torch loop over the given batches.
+
+    Written without the trainer's helpers: its own decay (the weight matrices) and no-decay
+    (the biases) groups, named by hand, and its own schedule (:func:`reference_lr`).
+    """
     torch.manual_seed(cfg.seed)
     model = TinyMLP(corpus.vocab_size, cfg.data.seq_len, hidden=32, n_embd=16)
     opt_cfg = {k: v for k, v in cfg.optimizer.items() if not k.startswith("_")}
-    opt = torch.optim.AdamW(param_groups(model), **opt_cfg)
-    base = [g["lr"] for g in opt.param_groups]
+    decay = [model.tok_emb.weight, model.fc_in.weight, model.fc_out.weight]
+    no_decay = [model.fc_in.bias, model.fc_out.bias]
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, **opt_cfg)
     tc = cfg.train
     for step, (x, y) in enumerate(batches_per_step):
         _, loss = model(x, y)
@@ -26,11 +45,27 @@ def plain_training(cfg, corpus, batches_per_step):
         loss.backward()
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        mult = lr_multiplier(step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
-        for g, lr in zip(opt.param_groups, base, strict=True):
-            g["lr"] = lr * mult
+        for g in opt.param_groups:
+            g["lr"] = opt_cfg["lr"] * reference_lr(step, tc)
         opt.step()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_lr_multiplier_by_hand():
+    # 100 steps, 10 of warmup, cosine to 0.1
+    assert lr_multiplier(0, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(4, 100, 10, "cosine", 0.1) == pytest.approx(0.5)
+    assert lr_multiplier(9, 100, 10, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(10, 100, 10, "cosine", 0.1) == pytest.approx(1.0)  # cosine starts
+    # a quarter of the way through 110 steps: 0.1 + 0.9 (1 + cos(pi / 4)) / 2
+    assert lr_multiplier(35, 110, 10, "cosine", 0.1) == pytest.approx(0.868198, abs=1e-6)
+    assert lr_multiplier(55, 100, 10, "cosine", 0.1) == pytest.approx(0.55)  # half way
+    assert lr_multiplier(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)  # the end
+    assert lr_multiplier(130, 100, 10, "cosine", 0.1) == pytest.approx(0.1)  # held after
+    assert lr_multiplier(0, 100, 0, "cosine", 0.0) == pytest.approx(1.0)  # no warmup
+    assert lr_multiplier(50, 100, 0, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_multiplier(3, 100, 10, "constant", 0.1) == pytest.approx(0.4)
+    assert lr_multiplier(60, 100, 10, "constant", 0.1) == 1.0
 
 
 def worker_batches(cfg, corpus, k, steps):

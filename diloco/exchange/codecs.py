@@ -262,6 +262,16 @@ class ErrorFeedback(Codec):
     Per worker: ``e = decay * residual + x``; send ``codec.encode(e)``; keep
     ``residual = e - decode(sent)``. With ``decay = 1`` nothing is lost: the sum of all
     decoded payloads plus the final residual equals the sum of all inputs.
+
+    A worker that does not send this round (``sends`` false: it left, crashed, or ran no
+    step under a deadline, so its payload has weight 0) keeps its residual exactly as it
+    was: what its row would have sent is discarded by the weighted mean, so nothing of it
+    may leave the residual. Nor is the residual decayed that round: it belongs to the
+    rounds the worker took part in, and ``decay`` applies once per round it sends. Its row
+    is still encoded (the collective moves ``[n, ...]`` tensors, and a random codec draws
+    the same numbers either way), and the communicator still charges every worker the
+    collective's bytes, the absent one included (the accounting models a fixed-size
+    collective, not who took part).
     """
 
     def __init__(self, codec: Codec, decay: float = 1.0) -> None:
@@ -273,12 +283,21 @@ class ErrorFeedback(Codec):
         self.name = f"ef({codec.name})"
         self.residual: Tensor | None = None
 
-    def encode(self, rows: Tensor) -> Encoded:
-        """Encode the residual-corrected rows and keep what was not sent."""
+    def encode(self, rows: Tensor, sends: Tensor | None = None) -> Encoded:
+        """Encode the residual-corrected rows and keep what was not sent.
+
+        ``sends``: ``[n]`` bool, the rows whose payload counts this round (None: all);
+        the others keep their residual unchanged (zero if they never sent).
+        """
         x = _rows(rows)
-        e = x if self.residual is None else self.decay * self.residual + x
+        old = self.residual
+        e = x if old is None else self.decay * old + x
         enc = self.codec.encode(e)
-        self.residual = e - self.codec.decode(enc)
+        residual = e - self.codec.decode(enc)
+        if sends is not None and not bool(sends.all()):
+            kept = torch.zeros_like(residual) if old is None else old
+            residual = torch.where(sends.to(residual.device)[:, None], residual, kept)
+        self.residual = residual
         return enc
 
     def decode(self, enc: Encoded) -> Tensor:

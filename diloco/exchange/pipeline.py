@@ -164,14 +164,19 @@ class ExchangePipeline:
         """Reduce this process's payload rows ``[K_local, P]`` with every other worker's to ``[P]``.
 
         ``key`` names the payload stream (e.g. a Streaming DiLoCo fragment); ``weights``
-        ``[K]`` (e.g. steps run under a deadline) turn the mean into a weighted mean;
+        ``[K]`` (e.g. steps run under a deadline) turn the mean into a weighted mean, and a
+        worker of weight 0 sent nothing: its error-feedback residual is kept unchanged;
         ``senders`` (global ids) exchange only those workers' payloads, pushed to a server.
         """
         if senders is not None:
             return self._push(rows, key, list(senders))
         parts = self.stream(key)
         codec, attack = parts["codec"], parts["attack"]
-        enc = codec.encode(rows)  # this process's workers only (error feedback is per worker)
+        if isinstance(codec, ErrorFeedback) and weights is not None:
+            # a weight-0 worker sends nothing: its residual must not shrink (see the codec)
+            enc = codec.encode(rows, weights[self.comm.local_ids] > 0)
+        else:  # this process's workers only (error feedback is per worker)
+            enc = codec.encode(rows)
         nbytes = enc.nbytes_per_worker()
         plain = attack is None and self.validator is None and self.plain_mean
         if plain and codec.ring_summable:
