@@ -30,9 +30,14 @@ def _overrides(run: Path) -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
-def _defense(o: dict[str, str]) -> str:
-    """The validator when it is on, else the aggregator (mean unless swept)."""
-    return "gauntlet" if o.get("validator") == "gauntlet" else o.get("aggregator", "mean")
+def _defense(run: Path) -> str:
+    """The validator when the run had one, else its aggregator's conf/ option name."""
+    import yaml
+
+    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    if cfg.get("validator"):
+        return "gauntlet"
+    return _overrides(run).get("aggregator", "mean")
 
 
 def robustness(sweeps: list[Path]) -> list[str]:
@@ -40,7 +45,7 @@ def robustness(sweeps: list[Path]) -> list[str]:
     runs = {}
     for summary in (s for sweep in sweeps for s in sweep.rglob("summary.json")):
         o = _overrides(summary.parent)
-        runs[o["attack"], _defense(o)] = json.loads(summary.read_text())
+        runs[o["attack"], _defense(summary.parent)] = json.loads(summary.read_text())
     honest = runs["none", "mean"]["final_eval_loss"]
     attacks = sorted({a for a, _ in runs}, key=lambda a: (a != "none", a))
     lines = [f"Honest-only (no attack, mean): final eval loss {honest:.4f}.", "",

@@ -157,6 +157,9 @@ def test_robustness_and_straggler_experiments_and_their_report(tmp_path):
     assert "| sign_flip |" in table and "| longtail | deadline |" in table
     header = next(line for line in table.splitlines() if line.startswith("| attack | mean"))
     assert header.endswith("| nnm | gauntlet |")
+    none_row = next(line for line in table.splitlines() if line.startswith("| none |"))
+    assert "|  |" not in none_row  # every defense's honest run found, the validator's too
+    assert table.count("| sign_flip |") == 2  # the loss table and the validator's detection
 
 
 def test_every_experiment_config_is_tested():
