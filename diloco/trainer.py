@@ -324,7 +324,8 @@ class Trainer:
         for sampler, s in zip(self.samplers, state["samplers"], strict=True):
             sampler.load_state_dict(s)
         checkpoint.set_rng_state(state["rng"])
-        self.policy.load_state_dict(state["policy"])
+        # checkpoints written before sync policies had state kept async's as "schedule"
+        self.policy.load_state_dict(state.get("policy", state.get("schedule", {})))
 
     def maybe_resume(self) -> bool:
         """Load the run dir's checkpoint if there is one; True when resumed.
