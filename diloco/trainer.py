@@ -125,7 +125,9 @@ class Trainer:
         ]
         losses = self.group.forward_backward([batches[i] for i in self.local_ids])
         mult = lr_multiplier(step, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
-        ctx = StepContext(self.exchange, self.comm.all_gather_parts, mult, tc.grad_clip, step + 1)
+        ctx = StepContext(
+            self.exchange, self.comm.all_gather_parts, mult, tc.grad_clip, step + 1, any(active)
+        )
         self.algorithm.inner_step(self.group, ctx)
         if advance:
             self.progress.step += 1

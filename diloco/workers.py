@@ -187,7 +187,7 @@ class WorkerGroup:
         """Restore rows, global model and inner optimizer states in place (views stay bound)."""
         self.params.copy_(state["params"])
         self.global_param.data.copy_(state["global"])
-        if self.anchors is not None:
-            self.anchors.copy_(state["anchors"])
+        if self.anchors is not None:  # older checkpoints: every worker sat at its pull
+            self.anchors.copy_(state.get("anchors", state["params"]))
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)

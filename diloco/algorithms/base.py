@@ -63,6 +63,7 @@ class StepContext:
     lr_mult: float
     grad_clip: float
     step: int
+    any_active: bool = True  # some worker of the run (on any process) steps now
 
 
 @dataclass
@@ -122,7 +123,7 @@ class AlgorithmBase:
     def inner_step(self, group: WorkerGroup, ctx: StepContext) -> None:
         """Clip each worker's gradient; every worker that ran steps its own inner optimizer."""
         group.clip_grads(ctx.grad_clip)
-        if any(group.active):
+        if ctx.any_active:  # sets every local rate, steps the workers here that ran
             group.optimizer_step(ctx.lr_mult)
 
     def payload(self, group: WorkerGroup) -> Payload | None:

@@ -152,11 +152,16 @@ class TorchDistComm(InProcessComm):
     ) -> None:
         super().__init__(cfg, num_workers=num_workers, **kwargs)
         timeout_s = self.cfg.timeout_s
-        if not dist.is_initialized():
+        self.joined = not dist.is_initialized()  # this object joined, so it leaves
+        if self.joined:
             init_from_env(device or torch.device("cpu"), self.cfg.dist_backend, timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.placement = Placement(num_workers, self.world_size)
+        try:
+            self.placement = Placement(num_workers, self.world_size)
+        except BaseException:
+            self.close()  # a bad placement must not leave the process group joined
+            raise
         self.local_ids = self.placement.workers_of(self.rank)
         self.timeout_s = timeout_s
         self.calls = 0
@@ -194,8 +199,8 @@ class TorchDistComm(InProcessComm):
         return shared_path(path)
 
     def close(self) -> None:
-        """Leave the process group."""
-        if dist.is_initialized():
+        """Leave the process group, if this communicator joined it."""
+        if self.joined and dist.is_initialized():
             dist.destroy_process_group()
 
     def push(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
