@@ -61,7 +61,9 @@ class RoundPlan:
         speeds: each worker's compute speed this round (for modelled time).
         weights: ``[K]`` payload weights (steps run), or None for equal weights.
         senders: the workers whose payloads are exchanged and who pull the new model
-            afterwards (None: all of them, and every worker resyncs).
+            afterwards (None: all of them, and every worker resyncs). In one process only,
+            and the policy must call ``group.track_origins()`` in ``setup`` (as
+            :class:`diloco.asynchronous.Async` does) so the others keep their origins.
         scale: the weight of the aggregate in the outer step (1: a full round).
         log_inner: log train metrics between the round's inner steps.
         metrics: extra metrics of the round (e.g. staleness).

@@ -240,4 +240,4 @@ class ExchangePipeline:
             self.validator.load_state_dict(state["validator"])
 
 
-__all__ = ["ErrorFeedback", "ExchangePipeline", "ExchangeStats", "gather_encoded"]
+__all__ = ["ExchangePipeline", "ExchangeStats", "gather_encoded"]
