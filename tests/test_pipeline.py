@@ -10,7 +10,7 @@ import torch
 
 from diloco.config import ConfigError
 from diloco.trainer import Trainer
-from tests.helpers import REPO, TINY, count_rounds, make_config, synthetic_corpus
+from tests.helpers import REPO, TINY, count_rounds, make_config, plugin, synthetic_corpus
 
 DILOCO = (*TINY, "workers.count=4", "algorithm.inner_steps=5", "train.steps=40")
 
@@ -210,3 +210,39 @@ def test_error_feedback_residual_of_a_straggler_that_never_sends_stays_zero(tmp_
     residual = seen[-1][2]
     assert torch.equal(residual[3], torch.zeros_like(residual[3]))
     assert (residual[:3].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("attack", ["alie", "sign_flip"])
+def test_forged_payloads_go_through_the_codec(tmp_path, attack):
+    """Under top-k a forger sends k values and k indices, not a dense row for free."""
+    k = 8
+    cfg = make_config(
+        *DILOCO, "codec=topk", f"codec.k={k}", "codec.error_feedback=false",
+        f"attack={attack}", "attack.num_byzantine=1",
+    )  # fmt: skip
+    ex = Trainer.from_config(cfg, tmp_path, synthetic_corpus()).exchange
+    seen = []
+    ex.stream("")["aggregator"] = lambda rows, w: seen.append(rows) or rows.mean(0)
+    rows = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))
+    ex(rows)
+    codec = plugin("codec", "topk", k=k, error_feedback=False)
+    sent = codec.decode(codec.encode(rows))  # what every worker's honest encoding carries
+    forged = plugin("attack", attack, num_byzantine=1)(sent, torch.tensor([0, 0, 0, 1]) > 0, 0)
+    expected = codec.decode(codec.encode(forged[3:]))[0]
+    got = seen[0][3]
+    assert int((got != 0).sum()) == k
+    assert torch.equal(got, expected)
+    assert torch.equal(seen[0][:3], sent[:3])  # honest rows untouched
+    assert ex.stats.forged_nbytes == codec.encode(rows).nbytes_per_worker()
+
+
+def test_forged_payloads_without_a_codec_are_the_attack_rows(tmp_path):
+    cfg = make_config(*DILOCO, "attack=alie", "attack.num_byzantine=2")
+    ex = Trainer.from_config(cfg, tmp_path, synthetic_corpus()).exchange
+    seen = []
+    ex.stream("")["aggregator"] = lambda rows, w: seen.append(rows) or rows.mean(0)
+    rows = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    ex(rows)
+    byz = torch.tensor([0, 0, 1, 1]) > 0
+    assert torch.equal(seen[0], plugin("attack", "alie", num_byzantine=2)(rows, byz, 0))
+    assert ex.stats.forged_nbytes == 4 * 50

@@ -318,9 +318,14 @@ class ErrorFeedback(Codec):
         self.residual = None if r is None else r.clone()
 
 
-def make_codec(node: dict[str, Any], key: str = "codec") -> Codec:
-    """The codec of a ``codec`` config node, wrapped in error feedback when it asks."""
+def make_codec(node: dict[str, Any], key: str = "codec", feedback: bool = True) -> Codec:
+    """The codec of a ``codec`` config node, wrapped in error feedback when it asks.
+
+    ``feedback=False`` gives the bare wire format (what an attacker encodes its forged
+    payloads with: it has no residual to carry).
+    """
     codec = build(node, key)
     if not isinstance(codec, Codec):
         raise ConfigError(f"{key}._target_", f"{node['_target_']} is not a codec")
-    return ErrorFeedback(codec, codec.cfg.ef_decay) if codec.cfg.error_feedback else codec
+    wrap = feedback and codec.cfg.error_feedback
+    return ErrorFeedback(codec, codec.cfg.ef_decay) if wrap else codec

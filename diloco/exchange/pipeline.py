@@ -8,9 +8,14 @@
                               can sum at its width (fp32, fp16, bf16, int8) and nothing is
                               to be inspected; else all-gather of the encoded tensors. Bytes
                               counted from the encoding
-      -> attack               Byzantine payloads rewritten, with what the honest workers send
-                              in view (every process applies the same seeded attack to the
-                              gathered rows, so simulated and distributed runs agree)
+      -> attack               Byzantine payloads forged, with what the honest workers send
+                              in view, then encoded with the same codec (the attacker picks
+                              what to encode: under top-k it sends k values and k indices,
+                              with the honest wire size), so what is aggregated is what the
+                              wire could carry. Every process forges the same seeded rows
+                              from the gathered ones, so simulated and distributed runs
+                              agree. Only ``malformed`` acts on what arrives (a corrupt
+                              message), after decoding
       -> validate             untrusted input: shape, dtype, finite, magnitude; a bad row is
                               excluded with a logged reason and the run goes on
       -> validator            optional scores -> weights (Gauntlet-style)
@@ -64,10 +69,11 @@ def _push_encoded(comm: Communicator, enc: Encoded, senders: Sequence[int]) -> E
 
 @dataclass
 class ExchangeStats:
-    """What the last exchange did: rows excluded."""
+    """What the last exchange did: rows excluded, bytes of a forged payload."""
 
     excluded: int = 0
     excluded_total: int = 0
+    forged_nbytes: int = 0  # bytes one Byzantine worker sent in the last forged round
 
 
 class ExchangePipeline:
@@ -76,6 +82,8 @@ class ExchangePipeline:
     Args:
         comm: the communicator (counts bytes).
         codec, aggregator, attack: factories; one instance of each per payload stream.
+        forge_codec: the bare wire format (``codec`` without error feedback) that forged
+            payloads are encoded with (default: ``codec``).
         byzantine: ``[K]`` mask of the workers the attack controls.
         max_abs: payload entries above this magnitude are malformed (None: no bound).
         validator: scores payloads into weights (None: none).
@@ -92,9 +100,15 @@ class ExchangePipeline:
         max_abs: float | None = None,
         validator: Any = None,
         round_of: Callable[[], int] = lambda: 0,
+        forge_codec: Callable[[], Codec] | None = None,
     ) -> None:
         self.comm = comm
-        self.factories = {"codec": codec, "aggregator": aggregator, "attack": attack}
+        self.factories = {
+            "codec": codec,
+            "aggregator": aggregator,
+            "attack": attack,
+            "forge_codec": (forge_codec or codec) if attack is not None else None,
+        }
         self.streams: dict[str, dict[str, Any]] = {}
         zeros = torch.zeros(comm.num_workers, dtype=torch.bool)
         self.byzantine = byzantine if byzantine is not None else zeros
@@ -136,7 +150,8 @@ class ExchangePipeline:
             except ValueError as err:  # e.g. f too large for K workers
                 raise ConfigError(key, f"{err} (with workers.count={k})") from None
         max_abs = comm.cfg.max_abs
-        return cls(comm, codec, aggregator, forging, mask, max_abs, validator, round_of)
+        bare = functools.partial(make_codec, cfg.codec, feedback=False)
+        return cls(comm, codec, aggregator, forging, mask, max_abs, validator, round_of, bare)
 
     def customized(self) -> list[str]:
         """The config groups not at their defaults (for methods that bypass the exchange)."""
@@ -189,7 +204,7 @@ class ExchangePipeline:
         round_ = self.round_of()
         payloads: list[Any] = list(sent)
         if attack is not None:
-            payloads = attack.forge(sent, self.byzantine, round_)
+            payloads = self._forge(parts, sent, round_)
         ok, reasons = validate_payloads(
             payloads, shape=tuple(rows.shape[1:]), dtype=sent.dtype, max_abs=self.max_abs
         )
@@ -208,6 +223,21 @@ class ExchangePipeline:
             else:
                 log.warning("round %d: validator gave every payload weight 0; ignored", round_)
         return parts["aggregator"](gathered, w)
+
+    def _forge(self, parts: dict[str, Any], sent: torch.Tensor, round_: int) -> list[Any]:
+        """Every worker's payload as received: forged rows encoded with the wire's codec."""
+        attack, byz = parts["attack"], self.byzantine.to(sent.device)
+        if not attack.through_codec:  # a corrupt message: what arrives is broken
+            return attack.forge(sent, byz, round_)
+        forged = attack(sent, byz, round_)  # [K, P], the Byzantine rows replaced
+        if round_ < attack.cfg.start_round:
+            return list(forged)
+        out = forged.clone()
+        wire = parts["forge_codec"]
+        enc = wire.encode(forged[byz])
+        self.stats.forged_nbytes = enc.nbytes_per_worker()
+        out[byz] = wire.decode(enc).to(out)
+        return list(out)
 
     def _push(self, rows: torch.Tensor, key: str, senders: list[int]) -> torch.Tensor:
         """The mean of the ``senders``' payloads, each encoded with its own stream's codec."""
