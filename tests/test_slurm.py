@@ -246,7 +246,8 @@ def test_train_sbatch_requeued_job_ends_equal_to_an_uninterrupted_job(slurm_clus
     deadline = time.monotonic() + 120
     while _last_step(requeued) < steps // 5 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert list(requeued.glob("checkpoint*.pt")), _read(log)[-5000:]
+    # (not a glob for checkpoints: while both ranks save, each file is briefly only .prev)
+    assert _last_step(requeued) >= steps // 5, _read(log)[-5000:]
     slurm_cluster.run("scontrol", "requeue", job)  # a fifth of the way in, or more
     state = slurm_cluster.wait(job, timeout=300)
     text = _read(log)
@@ -255,7 +256,7 @@ def test_train_sbatch_requeued_job_ends_equal_to_an_uninterrupted_job(slurm_clus
     resumed = re.search(r"resumed from \S+ at step (\d+)", text.split("(restart 1)")[1])
     assert resumed, text[-5000:]
     at = int(resumed[1])
-    assert steps // 5 <= at < steps, at
+    assert steps // 10 <= at < steps, at  # from the checkpoint of the last round it saved
 
     rows, expected = _metric_rows(requeued), _metric_rows(full)
     assert [r for r in rows if r["step"] > at], "nothing ran after the restart"
