@@ -3,7 +3,7 @@
 - a plain two-node job (srun on both nodes);
 - slurm/train.sbatch's rendezvous: torchrun on both nodes, a gloo all-reduce in between;
 - slurm/train.sbatch training with ``comm=torchdist`` across the two nodes, and a
-  requeued job resuming from its checkpoint;
+  requeued job resuming from its checkpoint and ending equal to an uninterrupted job;
 - ``-m hydra/launcher=slurm``: a sweep submitted as a job array (submitit).
 """
 
@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import OFFLINE, REPO, free_port
 
@@ -195,3 +197,80 @@ def test_hydra_slurm_launcher_submits_a_job_array(slurm_cluster, tmp_path):
     assert all(math.isfinite(s["final_eval_loss"]) for s in summaries)
     tasks = sorted(p.name for p in sweep.glob(".submitit/[0-9]*_[0-9]*"))  # <array>_<task>
     assert len(tasks) == 2 and tasks[0].split("_")[0] == tasks[1].split("_")[0], tasks
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    """``metrics.jsonl`` without the measured wall time (modelled time is set, so it stays)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "time/wall_s"} for x in lines]
+
+
+def _last_step(run_dir: Path) -> int:
+    """The step of the last whole row of a run's ``metrics.jsonl`` (0: none yet)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except ValueError:  # a line being written
+            continue
+    return 0
+
+
+def test_train_sbatch_requeued_job_ends_equal_to_an_uninterrupted_job(slurm_cluster, tmp_path):
+    """A job requeued mid-run ends bitwise equal to the same job run through: every metrics
+    row (the steps the restart ran, and those kept from before), the final eval loss, bytes,
+    modelled time and the global model. Both are slurm/train.sbatch jobs (2 nodes x 1
+    process, ``OMP_NUM_THREADS=1``), one after the other."""
+    steps = 1500
+    overrides = [o for o in TINY_TRAIN if not o.startswith("train.steps=")]
+    overrides += [f"train.steps={steps}", "checkpoint.every=1", "workers.count=2",
+                  "workers.step_time_s=0.01"]  # fmt: skip
+
+    def submit(name: str) -> tuple[str, Path, Path]:
+        run_dir, log = tmp_path / name, tmp_path / f"{name}.out"
+        job = slurm_cluster.sbatch(
+            REPO / "slurm" / "train.sbatch",
+            *overrides,
+            options=["--time=5", f"--output={log}"],
+            env={**JOB_ENV, "RDZV_HOST": "127.0.0.1", "RDZV_PORT": str(free_port()),
+                 "RUN_DIR": str(run_dir)},
+            cwd=REPO,
+        )  # fmt: skip
+        return job, run_dir, log
+
+    job, full, log = submit("full")
+    assert slurm_cluster.wait(job, timeout=300) == "COMPLETED", _read(log)[-5000:]
+
+    job, requeued, log = submit("requeued")
+    deadline = time.monotonic() + 120
+    while _last_step(requeued) < steps // 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # (not a glob for checkpoints: while both ranks save, each file is briefly only .prev)
+    assert _last_step(requeued) >= steps // 5, _read(log)[-5000:]
+    slurm_cluster.run("scontrol", "requeue", job)  # a fifth of the way in, or more
+    state = slurm_cluster.wait(job, timeout=300)
+    text = _read(log)
+    assert state == "COMPLETED", text[-5000:]
+    assert f"job {job} (restart 1)" in text, text[-5000:]
+    resumed = re.search(r"resumed from \S+ at step (\d+)", text.split("(restart 1)")[1])
+    assert resumed, text[-5000:]
+    at = int(resumed[1])
+    assert steps // 10 <= at < steps, at  # from the checkpoint of the last round it saved
+
+    rows, expected = _metric_rows(requeued), _metric_rows(full)
+    assert [r for r in rows if r["step"] > at], "nothing ran after the restart"
+    assert rows == expected
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((requeued / "summary.json").read_text())
+    assert a["steps"] == b["steps"] == steps
+    for key in ("final_eval_loss", "comm_bytes_total", "sim_time_s", "tokens_per_worker"):
+        assert a[key] == b[key], key
+    for rank in (0, 1):
+        want, got = (
+            torch.load(d / f"checkpoint-rank{rank}.pt", map_location="cpu", weights_only=False)
+            for d in (full, requeued)
+        )
+        assert want["step"] == got["step"] == steps
+        assert torch.equal(want["group"]["global"], got["group"]["global"])
+        assert torch.equal(want["group"]["params"], got["group"]["params"])
