@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from diloco.adversary.validator import arrival_times
 from diloco.clock import SimClock
 from diloco.comm.base import Communicator
 from diloco.config import Config, ConfigError, build, build_optimizer
@@ -98,22 +99,37 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
     def to_device(batch: Batch) -> Batch:
         return batch[0].to(device), batch[1].to(device)
 
-    def assigned(i: int, fallback: Batch) -> Batch:
-        """Worker ``i``'s latest assigned batch (a poisoner's clean one), else ``fallback``."""
-        last = samplers[i].last_assigned
-        return fallback if last is None else to_device(last)
+    def assigned(i: int) -> Batch:
+        """Worker ``i``'s latest assigned batches (a poisoner's clean ones), concatenated."""
+        recent = samplers[i].recent
+        if not recent:
+            raise RuntimeError(f"worker {i} sent a payload before drawing any batch")
+        return to_device((torch.cat([x for x, _ in recent]), torch.cat([y for _, y in recent])))
 
     validator = None
     if cfg.validator is not None:
-        b = cfg.train.batch_size
-        spare = corpus.eval[cfg.train.eval_sequences : cfg.train.eval_sequences + b]
-        if len(spare) == 0:
-            spare = corpus.eval[:b]
-        held = to_device((spare[:, :-1], spare[:, 1:]))
+        # fresh batches from the whole training split (never the eval split), own stream
+        every = torch.arange(len(corpus.train))
+        fresh = ShardSampler(corpus.train, every, cfg.train.batch_size, cfg.seed + 1, k)
+        readers = byzantine & attack.reads_others
+
+        def arrival(p: int) -> torch.Tensor:
+            """Modelled arrival of each payload of ``p`` fp32 entries this round."""
+            plan = progress.plan
+            steps = plan.steps if plan is not None else [1] * k
+            speeds = plan.speeds if plan is not None and plan.speeds else [1.0] * k
+            started = progress.round >= attack.cfg.start_round
+            forging = readers if started else torch.zeros_like(readers)
+            upload_s = 8 * 4 * p / (comm.cfg.bandwidth_mbps * 1e6)
+            return arrival_times(steps, speeds, forging, cfg.workers.step_time_s or 1.0, upload_s)
+
         validator = build(
-            cfg.validator, "validator", _loss_at(group), lambda i: assigned(i, held), held,
-            lambda: group.global_param.data, byzantine,
+            cfg.validator, "validator", _loss_at(group), assigned,
+            lambda: to_device(fresh.next_batch()), lambda: group.global_param.data, byzantine,
+            arrival, fresh,
         )  # fmt: skip
+        for sampler in samplers:  # this round's last batches, for the assignment check
+            sampler.remember(min(validator.cfg.own_batches, algorithm.inner_steps))
     exchange = ExchangePipeline.from_config(
         comm, cfg, attack, validator, round_of=lambda: progress.round
     )
@@ -144,13 +160,21 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
 
 def _loss_at(group: WorkerGroup) -> Any:
     @torch.no_grad()
-    def loss_at(flat: torch.Tensor, batch: Batch) -> float:
-        """The global model's loss on ``batch`` with its parameters set to ``flat``."""
-        theta = group.global_param.data
-        saved = theta.clone()
+    def loss_at(flat: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-sequence mean token loss ``[B]`` of the global model with parameters ``flat``."""
+        theta, model = group.global_param.data, group.global_model
+        saved, was_training = theta.clone(), model.training
         theta.copy_(flat)
-        loss = float(group.global_model(*batch)[1])
+        model.eval()  # no dropout: the score is the loss, not a sample of it
+        out = []
+        for x, y in zip(batch[0].split(EVAL_BATCH), batch[1].split(EVAL_BATCH), strict=True):
+            logits = model(x, y)[0]
+            ce = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), y.flatten(), reduction="none"
+            )
+            out.append(ce.view(y.shape).mean(1).double())
+        model.train(was_training)
         theta.copy_(saved)
-        return loss
+        return torch.cat(out)
 
     return loss_at

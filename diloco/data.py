@@ -15,6 +15,7 @@ published atomically; when processes race, the first writer wins.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import hashlib
@@ -455,6 +456,9 @@ class ShardSampler:
         self.epoch = self.position = 0
         self._order: tuple[int, torch.Tensor] | None = None
         self.last_assigned: tuple[torch.Tensor, torch.Tensor] | None = None  # the last batch
+        self.recent: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque(
+            maxlen=1
+        )  # the last few batches drawn (a validator re-reads them); ``remember`` sets how many
 
     def _epoch_order(self) -> torch.Tensor:
         if self._order is None or self._order[0] != self.epoch:
@@ -475,7 +479,12 @@ class ShardSampler:
                 self.epoch, self.position = self.epoch + 1, 0
         seqs = self.data[torch.cat(picks)]
         self.last_assigned = seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+        self.recent.append(self.last_assigned)
         return self.last_assigned
+
+    def remember(self, n: int) -> None:
+        """Keep the last ``n`` batches drawn in ``recent``."""
+        self.recent = collections.deque(self.recent, maxlen=n)
 
     def state_dict(self) -> dict[str, int]:
         """Where the sampler is: ``epoch`` and ``position`` within that epoch's permutation."""

@@ -45,6 +45,7 @@ class Progress:
     step: int = 0
     round: int = 0
     worker_steps: torch.Tensor = field(init=False)
+    plan: RoundPlan | None = None  # the round being run (not checkpointed: each round sets it)
 
     def __post_init__(self) -> None:
         self.worker_steps = torch.zeros(self.num_workers, dtype=torch.long)

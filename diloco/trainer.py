@@ -175,6 +175,7 @@ class Trainer:
     def _round(self, plan: RoundPlan, logger: M.Logger) -> None:
         """Run one planned round: inner steps, exchange, modelled time, eval, log, checkpoint."""
         log_every = self.cfg.train.log_every
+        self.progress.plan = plan
         started = time.perf_counter()
         stats = None
         for j in range(plan.length):

@@ -3,8 +3,9 @@
     python -m diloco.train experiment=robustness
     python -m diloco.train experiment=robustness_gauntlet
     python -m diloco.train experiment=stragglers
+    python -m diloco.train experiment=validator_detection
     python experiments/robustness.py multirun/robustness multirun/robustness_gauntlet \
-        --stragglers multirun/stragglers
+        --stragglers multirun/stragglers --detection multirun/validator_detection
 
 Writes ``experiments/results/robustness.md``: the final eval-loss gap of every attack x
 defense (a robust aggregator, or the validator's weights on a mean) against the honest-only
@@ -57,11 +58,13 @@ def robustness(sweeps: list[Path]) -> list[str]:
             s = runs.get((a, d))
             cells.append("" if s is None else f"{s['final_eval_loss'] / honest - 1:+.1%}")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    lines += ["", "Validator (gauntlet) detection, averaged over rounds:", "",
+    lines += ["", "Validator (gauntlet) detection, any detector, over every round:", "",
               "| attack | precision | recall |", "|---|---|---|"]  # fmt: skip
     for a in attacks:
         s = runs.get((a, "gauntlet"))
-        if s and a != "none":
+        if s and a == "none" and "detect_flagged_share" in s:
+            lines.append(f"| none | honest flagged {s['detect_flagged_share']:.1%} | |")
+        elif s and a != "none":
             lines.append(f"| {a} | {s['detect_precision']:.2f} | {s['detect_recall']:.2f} |")
     return lines
 
@@ -83,17 +86,30 @@ def stragglers(sweep: Path) -> list[str]:
     return lines
 
 
-def validator(sweep: Path, skip: int = 5) -> list[str]:
-    """Markdown: the validator's detection per attack, over all rounds and after ``skip``."""
-    lines = [f"| attack | precision | recall | recall from round {skip} | final eval loss |",
-             "|---|---|---|---|---|"]  # fmt: skip
+def detection(sweep: Path) -> list[str]:
+    """Markdown: the validator's precision / recall per detector and attack, summed over rounds.
+
+    "Excluded from round": the first round from which every Byzantine payload has weight 0
+    in every later round. Without an attack, the share of payloads flagged (all honest).
+    """
+    names = ("loss", "assignment", "copy", "")
+    lines = ["| attack | loss score | assignment | copy | any | excluded from round "
+             "| final eval loss |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for summary in sorted(sweep.rglob("summary.json")):
         attack = _overrides(summary.parent)["attack"]
         s = json.loads(summary.read_text())
-        rows = [r for r in load_metrics(summary.parent) if "adversary/detect_recall" in r]
-        late = [r["adversary/detect_recall"] for r in rows[skip:]]
-        recall = f"{sum(late) / len(late):.2f}" if late and attack != "none" else ""
-        cells = [f"{s['detect_precision']:.2f}", f"{s['detect_recall']:.2f}", recall]
+        if attack == "none":
+            share = f"flagged {s['detect_flagged_share']:.1%} of honest payloads"
+            lines.append(f"| none | {share} | | | | | {s['final_eval_loss']:.4f} |")
+            continue
+        cells = []
+        for d in names:
+            p = f"detect_{d}_" if d else "detect_"
+            cells.append(f"{s[p + 'precision']:.2f} / {s[p + 'recall']:.2f}")
+        weights = [r["adversary/byzantine_weight"] for r in load_metrics(summary.parent)
+                   if "adversary/byzantine_weight" in r]  # fmt: skip
+        held = [i for i in range(len(weights)) if all(w == 0 for w in weights[i:])]
+        cells.append(str(held[0]) if held else "never")
         lines.append(f"| {attack} | " + " | ".join(cells) + f" | {s['final_eval_loss']:.4f} |")
     return lines
 
@@ -103,14 +119,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dirs", nargs="+", help="robustness and robustness_gauntlet")
     parser.add_argument("--stragglers", default=None)
-    parser.add_argument("--validator", default=None, help="a gauntlet-only sweep (longer run)")
+    parser.add_argument("--detection", default=None, help="experiment=validator_detection's dir")
     parser.add_argument("--out", default="experiments/results/robustness.md")
     args = parser.parse_args()
     lines = robustness([Path(d) for d in args.sweep_dirs])
     if args.stragglers:
         lines += ["", *stragglers(Path(args.stragglers))]
-    if args.validator:
-        lines += ["", "Validator over a longer run:", "", *validator(Path(args.validator))]
+    if args.detection:
+        lines += ["", "Validator detection over 50 rounds (precision / recall):", "",
+                  *detection(Path(args.detection))]  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)

@@ -147,9 +147,14 @@ def test_robustness_and_straggler_experiments_and_their_report(tmp_path):
     assert len(list(gauntlet.rglob("summary.json"))) == 2  # the validator as the defense
     out = cli("experiment=stragglers", f"hydra.sweep.dir={strag}", *tiny)
     assert out.returncode == 0, out.stderr
+    detection = tmp_path / "validator_detection"
+    out = cli("experiment=validator_detection", "attack=none,mimic",
+              f"hydra.sweep.dir={detection}", *tiny)  # fmt: skip
+    assert out.returncode == 0, out.stderr
     report = subprocess.run(
         [sys.executable, "experiments/robustness.py", str(rob), str(gauntlet),
-         "--stragglers", str(strag), "--out", str(tmp_path / "table.md")],
+         "--stragglers", str(strag), "--detection", str(detection),
+         "--out", str(tmp_path / "table.md")],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
@@ -160,13 +165,16 @@ def test_robustness_and_straggler_experiments_and_their_report(tmp_path):
     none_row = next(line for line in table.splitlines() if line.startswith("| none |"))
     assert "|  |" not in none_row  # every defense's honest run found, the validator's too
     assert table.count("| sign_flip |") == 2  # the loss table and the validator's detection
+    mimic = next(line for line in table.splitlines() if line.startswith("| mimic | "))
+    assert mimic.split(" | ")[3] == "1.00 / 1.00"  # the copy check catches the copier
+    assert "flagged" in next(line for line in table.splitlines()[::-1] if "| none |" in line)
 
 
 def test_every_experiment_config_is_tested():
     names = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
     assert names == {"debug", "diloco_vs_ddp", "demo_vs_ddp", "comm_methods",
                      "comm_methods_codecs", "robustness", "robustness_gauntlet",
-                     "stragglers"}  # fmt: skip
+                     "stragglers", "validator_detection"}  # fmt: skip
 
 
 def _final_state(run_dir: Path) -> dict:

@@ -56,3 +56,11 @@ def test_poisoned_worker_hurts_the_mean_in_training(tmp_path):
         Trainer.from_config(
             make_config(*common, "attack=poison", "attack.mode=flip"), tmp_path, corpus
         )
+
+
+def test_poison_random_option_is_random_token_poison():
+    from diloco.config import build
+    from tests.helpers import make_config
+
+    attack = build(make_config("attack=poison_random").attack, "attack")
+    assert attack.cfg.mode == "random" and not attack.forges_payloads

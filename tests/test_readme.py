@@ -316,8 +316,9 @@ def test_inner_sgd_steps_every_worker_and_trains(tmp_path):
 
 
 def test_gauntlet_logs_every_worker_score(tmp_path):
-    """``validator=gauntlet``: every round's row has ``worker/<i>/score`` for each worker,
-    the validator's EMA scores; the sign flipper (worker 3) scores lowest."""
+    """``validator=gauntlet``: every round's row has ``worker/<i>/score`` and
+    ``worker/<i>/assignment`` for each worker, the validator's EMA scores; the sign flipper
+    (worker 3) scores lowest."""
     k = 4
     cfg = make_config(*TINY, f"workers.count={k}", "algorithm.inner_steps=5", "train.steps=20",
                       "train.log_every=5", "validator=gauntlet", "attack=sign_flip",
@@ -329,8 +330,9 @@ def test_gauntlet_logs_every_worker_score(tmp_path):
     rounds = [r for r in _rows(tmp_path) if "round" in r]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     names = [f"worker/{i}/score" for i in range(k)]
+    assigned = [f"worker/{i}/assignment" for i in range(k)]
     for row in rounds:
-        assert sorted(k_ for k_ in row if k_.startswith("worker/")) == names
+        assert sorted(k_ for k_ in row if k_.startswith("worker/")) == sorted(names + assigned)
         assert all(math.isfinite(row[n]) for n in names)
     assert len({tuple(r[n] for n in names) for r in rounds}) == len(rounds)  # updated each round
     last = [rounds[-1][n] for n in names]

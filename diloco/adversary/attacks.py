@@ -56,6 +56,8 @@ class Attack:
     name = "attack"
     Config: Any = AttackConfig
     forges_payloads = True
+    through_codec = True  # forged rows are encoded with the wire's codec (not: malformed)
+    reads_others = False  # forged from other workers' payloads (so sent after they arrive)
 
     def __init__(self, cfg: Any = None, **kwargs: Any) -> None:
         self.cfg = configure(self.Config, cfg, kwargs, "attack")
@@ -145,6 +147,7 @@ class Gaussian(Attack):
     """
 
     name = "gaussian"
+    reads_others = True
 
     @dataclass
     class Config(AttackConfig):
@@ -182,6 +185,7 @@ class ALIE(Attack):
     """
 
     name = "alie"
+    reads_others = True
 
     @dataclass
     class Config(AttackConfig):
@@ -211,6 +215,7 @@ class IPM(Attack):
     """
 
     name = "ipm"
+    reads_others = True
 
     @dataclass
     class Config(AttackConfig):
@@ -229,6 +234,7 @@ class Mimic(Attack):
     """
 
     name = "mimic"
+    reads_others = True
 
     @dataclass
     class Config(AttackConfig):
@@ -256,6 +262,7 @@ class MinMax(Attack):
     """
 
     name = "minmax"
+    reads_others = True
 
     @dataclass
     class Config(AttackConfig):
@@ -351,10 +358,12 @@ class Malformed(Attack):
     ``nan``/``inf`` fill the row with NaN/+inf and ``huge`` with ``1e30``; these also work on
     a ``[n, P]`` tensor via ``__call__``. ``wrong_shape`` (flattened, one element longer) and
     ``wrong_dtype`` (float64; float32 if already float64) only exist per worker: use
-    :meth:`corrupt_payloads`.
+    :meth:`corrupt_payloads`. In the exchange it acts on the decoded payloads (a message
+    broken in transit or by a faulty peer), not through the codec as the other attacks do.
     """
 
     name = "malformed"
+    through_codec = False  # a corrupt message, as the receiver decodes it
 
     @dataclass
     class Config(AttackConfig):

@@ -68,6 +68,15 @@ class PoisonedSampler:
             seqs = seqs.gather(1, order)
         return seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
 
+    @property
+    def recent(self) -> Any:
+        """The last batches the worker was assigned (clean, before the corruption)."""
+        return self.sampler.recent
+
+    def remember(self, n: int) -> None:
+        """Keep the last ``n`` assigned batches (see the wrapped sampler)."""
+        self.sampler.remember(n)
+
     def state_dict(self) -> dict[str, Any]:
         """The wrapped sampler's position and the number of corrupted draws."""
         return {**self.sampler.state_dict(), "poison_draws": self.draws}

@@ -1,22 +1,37 @@
-"""A Gauntlet-style validator: score each contribution by the loss it removes.
+"""A validator after Templar's Gauntlet: score each contribution by the loss it removes.
 
-After Templar's Gauntlet: for every payload row ``delta_i`` (a pseudo-gradient), apply it
-alone to the global model, ``theta_i' = theta - delta_i`` (for DiLoCo this is worker i's
-model), and measure
+Templar (tplr-ai/templar; the incentive design of SparseLoCo's network, arXiv 2508.15706)
+evaluates a miner's pseudo-gradient on the data that miner was assigned and on data it was
+not, and rewards the gap. Here, for every payload row ``delta_i`` of worker ``i``, applied
+alone to the global model in eval mode (``theta_i' = theta - delta_i``: for DiLoCo, worker
+i's model)::
 
-    own_i    = L(theta; own batch_i)    - L(theta_i'; own batch_i)   the batch assigned to
-                                                                   worker i this round
-    random_i = L(theta; random batch)   - L(theta_i'; random batch)  held-out data
+    own_i   = L(theta; A_i) - L(theta_i'; A_i)      A_i: the batch worker i was assigned last
+                                                  this round (a poisoner's clean one)
+    fresh_i = L(theta; F)   - L(theta_i'; F)        F: a batch drawn fresh each round from
+                                                  the training split (never the eval split)
 
-The raw score is ``own_i + random_i``, smoothed per worker by an EMA (``score <- beta *
-score + (1 - beta) * raw``). A worker that trained on its assigned data removes much more
-loss there than one that did not (free rider), trained on other data (poison) or sent a
-harmful update (sign flip). Workers whose EMA score is at most ``min_score`` or below
-``relative_min`` times the median score get weight 0 (excluded); the others are weighted
-by their score. A row whose cosine similarity to an
-earlier row is above ``copy_threshold`` is flagged as a copy and excluded. Detection is
-reported against the true Byzantine ids as precision and recall of the excluded set, and as
-the share of aggregation weight that Byzantine workers received.
+and per worker two exponential moving averages (``s <- beta s + (1 - beta) raw``, the first
+round taken as is):
+
+- **loss score** ``s_i = EMA(fresh_i)``: does the update help on data nobody was assigned?
+  Flagged when ``s_i <= min_score`` or ``s_i < relative_min * median(s)`` (a sign flipper, a
+  free rider, a random-token poisoner).
+- **assignment score** ``a_i = EMA(own_i - fresh_i)``: was it trained on the batch assigned to
+  it? Flagged when ``a_i <= assign_min`` or ``a_i < assign_relative * median(a)`` (an update
+  trained on other data, a copy of someone else's).
+- **copy check**: a row whose cosine similarity to another row exceeds ``copy_threshold`` is
+  a copy; the later one by modelled arrival time is blamed (both when they arrive together).
+  Arrival: a worker's compute time for the round (its steps at its speed) plus its upload; a
+  forged payload built from others' payloads cannot leave before those arrive, so it arrives
+  after the latest of them plus its own upload (see ``arrival`` below).
+
+A flagged worker gets weight 0 and the others weight 1 (the aggregate is the mean of the
+accepted payloads; late in training an honest worker's loss score is small and noisy, often
+below 0, so it makes a poor weight). Detection is
+counted against the true Byzantine ids, per detector and for the union, as true and false
+positives summed over rounds: precision = caught / flagged, recall = caught / Byzantine
+rows seen.
 """
 
 from __future__ import annotations
@@ -29,8 +44,30 @@ import torch
 
 from diloco.config import ConfigError
 
-LossAt = Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tensor]], float]
-"""``loss_at(flat_params, batch)``: the model's loss with those parameters on that batch."""
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossAt = Callable[[torch.Tensor, Batch], torch.Tensor]
+"""``loss_at(flat_params, batch)``: per-sequence losses ``[B]`` (eval mode) at those params."""
+
+DETECTORS = ("loss", "assignment", "copy")
+
+
+def arrival_times(
+    steps: Sequence[int],
+    speeds: Sequence[float],
+    readers: torch.Tensor,
+    step_s: float,
+    upload_s: float,
+) -> torch.Tensor:
+    """Modelled arrival ``[K]`` of each worker's payload at the validator, in seconds.
+
+    ``steps_i / speed_i * step_s + upload_s``; a worker in ``readers`` (it forges from the
+    others' payloads) arrives at the latest other arrival plus ``upload_s``.
+    """
+    t = torch.tensor(steps, dtype=torch.float64) / torch.tensor(speeds, dtype=torch.float64)
+    t = t * step_s + upload_s
+    if bool(readers.any()) and not bool(readers.all()):
+        t[readers] = t[~readers].max() + upload_s
+    return t
 
 
 class Gauntlet:
@@ -39,37 +76,48 @@ class Gauntlet:
     Args:
         cfg: settings (``conf/validator/gauntlet.yaml``).
         loss_at: evaluates the model at given flat parameters on a batch.
-        own_batch: ``own_batch(i)`` is a batch of worker i's assigned data.
-        random_batch: a held-out batch.
+        own_batch: ``own_batch(i)`` is the batch worker i was assigned last.
+        fresh_batch: draws a new batch from the training split (called once per round).
         theta: returns the current global parameters ``[P]``.
         byzantine: the true ``[K]`` Byzantine mask, for detection metrics only.
+        arrival: ``arrival(P)`` gives every worker's modelled arrival ``[K]`` this round for
+            payloads of ``P`` fp32 entries (None: all arrive together).
     """
 
     @dataclass
     class Config:
-        """EMA ``beta``; exclusion below ``min_score`` or ``relative_min`` x median; copies."""
+        """EMA ``beta``; outliers below the median by ``z`` robust spreads; copies; batches."""
 
-        beta: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
-        min_score: float = 0.0
-        relative_min: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
+        beta: float = field(default=0.75, metadata={"ge": 0.0, "lt": 1.0})
+        z: float = field(default=5.0, metadata={"gt": 0.0})
+        spread_floor: float = field(default=0.1, metadata={"ge": 0.0})
         copy_threshold: float = field(default=0.999, metadata={"gt": 0.0, "le": 1.0})
+        fresh_batches: int = field(default=8, metadata={"ge": 1})
+        own_batches: int = field(default=5, metadata={"ge": 1})
 
     def __init__(
         self,
         cfg: Config,
         loss_at: LossAt,
-        own_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-        random_batch: tuple[torch.Tensor, torch.Tensor],
+        own_batch: Callable[[int], Batch],
+        fresh_batch: Callable[[], Batch],
         theta: Callable[[], torch.Tensor],
         byzantine: torch.Tensor,
+        arrival: Callable[[int], torch.Tensor] | None = None,
+        sampler: Any = None,
     ) -> None:
         self.cfg, self.loss_at, self.theta = cfg, loss_at, theta
-        self.own_batch, self.random_batch = own_batch, random_batch
+        self.own_batch, self.fresh_batch, self.arrival = own_batch, fresh_batch, arrival
+        self.sampler = sampler  # the fresh batches' sampler, checkpointed with the scores
         self.byzantine = byzantine
-        self.scores = torch.zeros(len(byzantine), dtype=torch.float64)
-        self.seen = torch.zeros(len(byzantine), dtype=torch.bool)
+        k = len(byzantine)
+        self.scores = torch.zeros(k, dtype=torch.float64)
+        self.assign = torch.zeros(k, dtype=torch.float64)
+        self.seen = torch.zeros(k, dtype=torch.bool)
         self.last: dict[str, float] = {}
-        self.totals = torch.zeros(3, dtype=torch.float64)  # flagged byzantine, flagged, rounds
+        # per detector (+ the union): [caught, flagged, byzantine rows seen]
+        self.counts = torch.zeros(len(DETECTORS) + 1, 3, dtype=torch.float64)
+        self.rows_seen = 0
 
     @staticmethod
     def check(parts: Any) -> None:
@@ -80,63 +128,118 @@ class Gauntlet:
     @torch.no_grad()
     def weigh(self, rows: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
         """Aggregation weights ``[n]`` for payload rows ``[n, P]`` sent by workers ``ids``."""
+        ids, n = list(ids), len(ids)
         theta = self.theta().clone()
-        base_random = self.loss_at(theta, self.random_batch)
-        weights = torch.zeros(len(ids), dtype=torch.float64)
-        unit = torch.nn.functional.normalize(rows.double(), dim=1)
-        copies = []
+        fresh = [self.fresh_batch() for _ in range(self.cfg.fresh_batches)]
+        own = [self.own_batch(i) for i in ids]
+        batches = fresh + own  # one evaluation of every batch per model: [sequences]
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        sizes = [len(b[0]) for b in batches]
+        base = self.loss_at(theta, (x, y))
+        nf = sum(sizes[: len(fresh)])
+        fresh_gain = torch.zeros(n, dtype=torch.float64)
+        gain = torch.zeros(n, n, dtype=torch.float64)  # [m, j]: payload j on ids[m]'s batch
+        for j in range(n):
+            gains = base - self.loss_at(theta - rows[j], (x, y))
+            fresh_gain[j] = gains[:nf].mean()
+            gain[:, j] = torch.stack([g.mean() for g in gains[nf:].split(sizes[len(fresh) :])])
+        others = (gain.sum(1) - gain.diagonal()) / max(n - 1, 1)
+        assign_raw = gain.diagonal() - others
+        self.raw = (fresh_gain, assign_raw, gain)  # this round's gains, for diagnostics
         for j, i in enumerate(ids):
-            own = self.own_batch(i)
-            moved = theta - rows[j]
-            raw = self.loss_at(theta, own) - self.loss_at(moved, own)
-            raw += base_random - self.loss_at(moved, self.random_batch)
             b = self.cfg.beta if self.seen[i] else 0.0
-            self.scores[i] = b * self.scores[i] + (1 - b) * raw
+            self.scores[i] = b * self.scores[i] + (1 - b) * fresh_gain[j]
+            self.assign[i] = b * self.assign[i] + (1 - b) * assign_raw[j]
             self.seen[i] = True
-            copies.append(j > 0 and bool((unit[:j] @ unit[j] > self.cfg.copy_threshold).any()))
-        scores = self.scores[list(ids)]
-        floor = max(self.cfg.min_score, self.cfg.relative_min * float(scores.median()))
-        for j in range(len(ids)):
-            if scores[j] > floor and not copies[j]:
-                weights[j] = scores[j]
-        self._detect(weights, ids)
+        flags = {
+            "loss": self._outliers(self.scores[ids]),
+            "assignment": self._outliers(self.assign[ids]),
+            "copy": self._copies(rows, ids),
+        }
+        flagged = flags["loss"] | flags["assignment"] | flags["copy"]
+        weights = (~flagged).to(torch.float64)
+        self._detect(flags, flagged, weights, ids)
         return weights.float()
 
-    def _detect(self, weights: torch.Tensor, ids: Sequence[int]) -> None:
-        byz = self.byzantine[list(ids)]
-        flagged = weights == 0
-        hit = int((flagged & byz).sum())
-        precision = hit / int(flagged.sum()) if flagged.any() else 1.0
-        recall = hit / int(byz.sum()) if byz.any() else 1.0
+    def _outliers(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores below ``median - z * max(1.4826 MAD, spread_floor * |median|)``."""
+        med = scores.median()
+        mad = 1.4826 * (scores - med).abs().median()
+        return scores < med - self.cfg.z * torch.maximum(mad, self.cfg.spread_floor * med.abs())
+
+    def _copies(self, rows: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """Rows nearly parallel to another row that arrived no later than they did."""
+        unit = torch.nn.functional.normalize(rows.double(), dim=1)
+        similar = (unit @ unit.T) > self.cfg.copy_threshold
+        similar.fill_diagonal_(False)
+        if self.arrival is None:
+            t = torch.zeros(len(ids), dtype=torch.float64)
+        else:
+            t = self.arrival(rows.shape[1])[ids].to(torch.float64)
+        not_earlier = t[:, None] >= t[None, :]  # [j, m]: j arrived no earlier than m
+        return (similar & not_earlier).any(dim=1)
+
+    def _detect(
+        self,
+        flags: dict[str, torch.Tensor],
+        flagged: torch.Tensor,
+        weights: torch.Tensor,
+        ids: list[int],
+    ) -> None:
+        byz = self.byzantine[ids]
+        n_byz = float(byz.sum())
+        self.rows_seen += len(ids)
+        self.last = {}
+        for d, (name, mask) in enumerate([*flags.items(), ("", flagged)]):
+            caught, n_flag = float((mask & byz).sum()), float(mask.sum())
+            self.counts[d] += torch.tensor([caught, n_flag, n_byz], dtype=torch.float64)
+            prefix = f"{name}_" if name else ""
+            self.last[f"{prefix}precision"] = caught / n_flag if n_flag else 1.0
+            self.last[f"{prefix}recall"] = caught / n_byz if n_byz else 1.0
         total = float(weights.sum())
-        share = float(weights[byz].sum()) / total if total > 0 else 0.0
-        self.last = {"precision": precision, "recall": recall, "byzantine_weight": share}
-        self.totals += torch.tensor([precision, recall, 1.0], dtype=torch.float64)
+        self.last_share = float(weights[byz].sum()) / total if total > 0 else 0.0
 
     def metrics(self) -> dict[str, float]:
-        """Per-worker scores and the last round's detection."""
+        """Per-worker scores and the last round's detection (per detector and overall)."""
         out = {f"worker/{i}/score": float(v) for i, v in enumerate(self.scores)}
-        out.update(
-            {f"adversary/detect_{k}": v for k, v in self.last.items() if k != "byzantine_weight"}
-        )
+        out.update({f"worker/{i}/assignment": float(v) for i, v in enumerate(self.assign)})
+        out.update({f"adversary/detect_{k}": v for k, v in self.last.items()})
         if self.last:
-            out["adversary/byzantine_weight"] = self.last["byzantine_weight"]
+            out["adversary/byzantine_weight"] = self.last_share
         return out
 
     def summary(self) -> dict[str, float]:
-        """Detection precision and recall averaged over the rounds validated."""
-        rounds = max(1.0, float(self.totals[2]))
-        return {
-            "detect_precision": float(self.totals[0]) / rounds,
-            "detect_recall": float(self.totals[1]) / rounds,
-        }
+        """Detection precision and recall over every round validated (counts summed)."""
+        out = {}
+        for d, name in enumerate([*DETECTORS, ""]):
+            caught, n_flag, n_byz = self.counts[d].tolist()
+            prefix = f"{name}_" if name else ""
+            out[f"detect_{prefix}precision"] = caught / n_flag if n_flag else 1.0
+            out[f"detect_{prefix}recall"] = caught / n_byz if n_byz else 1.0
+        out["detect_flagged_share"] = float(self.counts[-1, 1]) / max(self.rows_seen, 1)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """EMA scores and detection totals."""
-        return {"scores": self.scores.clone(), "seen": self.seen.clone(), "totals": self.totals}
+        """EMA scores, detection counts and the fresh sampler's position."""
+        state: dict[str, Any] = {
+            "scores": self.scores.clone(),
+            "assign": self.assign.clone(),
+            "seen": self.seen.clone(),
+            "counts": self.counts.clone(),
+            "rows_seen": self.rows_seen,
+        }
+        if self.sampler is not None:
+            state["sampler"] = self.sampler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.scores.copy_(state["scores"])
         self.seen.copy_(state["seen"])
-        self.totals = state["totals"].clone()
+        if "assign" in state:  # checkpoints of the one-score validator have neither
+            self.assign.copy_(state["assign"])
+            self.counts = state["counts"].clone()
+            self.rows_seen = int(state["rows_seen"])
+        if self.sampler is not None and "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
