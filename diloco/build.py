@@ -175,6 +175,6 @@ def _loss_at(group: WorkerGroup) -> Any:
             out.append(ce.view(y.shape).mean(1).double())
         model.train(was_training)
         theta.copy_(saved)
-        return torch.cat(out)
+        return torch.cat(out).cpu()
 
     return loss_at

@@ -486,16 +486,25 @@ class ShardSampler:
         """Keep the last ``n`` batches drawn in ``recent``."""
         self.recent = collections.deque(self.recent, maxlen=n)
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the sampler is: ``epoch`` and ``position`` within that epoch's permutation."""
-        return {"epoch": self.epoch, "position": self.position}
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sampler is: ``epoch`` and ``position`` within that epoch's permutation.
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+        When it remembers more than its last batch (a validator re-reads them), also
+        ``recent``: those batches, each ``[2, B, T]`` (x and y).
+        """
+        state: dict[str, Any] = {"epoch": self.epoch, "position": self.position}
+        if (self.recent.maxlen or 1) > 1:
+            state["recent"] = [torch.stack(batch) for batch in self.recent]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict` of a sampler built with the same arguments."""
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < len(self.indices):
             raise ValueError(f"sampler state {state} does not fit a shard of {len(self.indices)}")
         self.epoch, self.position = epoch, position
+        recent = ((t[0], t[1]) for t in state.get("recent", []))
+        self.recent = collections.deque(recent, maxlen=self.recent.maxlen)
 
 
 def eval_batches(

@@ -116,7 +116,7 @@ class Trainer:
         advance = step is None
         step = self.progress.step if step is None else step
         # the validator scores every worker's payload on the data it was assigned, so with
-        # one every process draws every worker's batch (samplers remember the last one)
+        # one every process draws every worker's batch (samplers remember the last few)
         scored = self.exchange.validator is not None
         local = set(self.local_ids)
         batches: list[Batch | None] = [

@@ -89,8 +89,9 @@ def stragglers(sweep: Path) -> list[str]:
 def detection(sweep: Path) -> list[str]:
     """Markdown: the validator's precision / recall per detector and attack, summed over rounds.
 
-    "Excluded from round": the first round from which every Byzantine payload has weight 0
-    in every later round. Without an attack, the share of payloads flagged (all honest).
+    "Excluded from round": the first round (counted from 1, as ``metrics.jsonl``) from which
+    every Byzantine payload has weight 0 in every later round. Without an attack, the share
+    of payloads flagged (all honest).
     """
     names = ("loss", "assignment", "copy", "")
     lines = ["| attack | loss score | assignment | copy | any | excluded from round "
@@ -106,10 +107,10 @@ def detection(sweep: Path) -> list[str]:
         for d in names:
             p = f"detect_{d}_" if d else "detect_"
             cells.append(f"{s[p + 'precision']:.2f} / {s[p + 'recall']:.2f}")
-        weights = [r["adversary/byzantine_weight"] for r in load_metrics(summary.parent)
-                   if "adversary/byzantine_weight" in r]  # fmt: skip
+        rows = [r for r in load_metrics(summary.parent) if "adversary/byzantine_weight" in r]
+        weights = [r["adversary/byzantine_weight"] for r in rows]
         held = [i for i in range(len(weights)) if all(w == 0 for w in weights[i:])]
-        cells.append(str(held[0]) if held else "never")
+        cells.append(str(rows[held[0]]["round"]) if held else "never")  # rounds count from 1
         lines.append(f"| {attack} | " + " | ".join(cells) + f" | {s['final_eval_loss']:.4f} |")
     return lines
 

@@ -246,3 +246,17 @@ def test_forged_payloads_without_a_codec_are_the_attack_rows(tmp_path):
     byz = torch.tensor([0, 0, 1, 1]) > 0
     assert torch.equal(seen[0], plugin("attack", "alie", num_byzantine=2)(rows, byz, 0))
     assert ex.stats.forged_nbytes == 4 * 50
+
+
+def test_a_forger_under_randk_picks_its_own_k_entries(tmp_path):
+    """A random support is the sender's secret: the forger sends its largest k entries."""
+    k = 10
+    cfg = make_config(
+        *DILOCO, "codec=randk", f"codec.k={k}", "codec.error_feedback=false",
+        "attack=sign_flip", "attack.num_byzantine=1",
+    )  # fmt: skip
+    ex = Trainer.from_config(cfg, tmp_path, synthetic_corpus()).exchange
+    seen = []
+    ex.stream("")["aggregator"] = lambda rows, w: seen.append(rows) or rows.mean(0)
+    ex(torch.randn(4, 1000, generator=torch.Generator().manual_seed(3)))
+    assert int((seen[0][3] != 0).sum()) == k  # not a free rider on a fresh random support

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,9 +20,12 @@ def run(tmp_path, *overrides):
     trainer = Trainer.from_config(make_config(*COMMON, *overrides), tmp_path, synthetic_corpus())
     weights = []
     weigh = trainer.exchange.validator.weigh
-    trainer.exchange.validator.weigh = lambda rows, ids: (
-        weights.append(weigh(rows, ids)) or (weights[-1])
-    )
+
+    def spy(*args):
+        weights.append(weigh(*args))
+        return weights[-1]
+
+    trainer.exchange.validator.weigh = spy
     return trainer, trainer.fit(), torch.stack(weights)
 
 
@@ -114,3 +119,67 @@ def test_validator_needs_full_pseudo_gradients(tmp_path):
     with pytest.raises(ConfigError, match="validator=gauntlet"):
         Trainer.from_config(make_config(*TINY, "algorithm=ddp", "validator=gauntlet"), tmp_path,
                 synthetic_corpus())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("faults=churn", "faults.rate=0.3", "seed=1"),
+        ("faults.events=[{worker:0,round:0,kind:crash},{worker:0,round:3,kind:rejoin}]",),
+        ("sync=deadline", "workers=straggler", "workers.count=5", "workers.straggler_slowdown=8"),
+    ],
+)
+def test_absent_and_idle_workers_are_neither_scored_nor_flagged(tmp_path, overrides):
+    """A worker of weight 0 (absent, or no step under a deadline) sent nothing to judge."""
+    cfg = make_config(*COMMON, "attack=sign_flip", *overrides)
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
+    v, calls = trainer.exchange.validator, []
+    weigh = v.weigh
+
+    def spy(rows, ids, present=None):
+        calls.append(torch.ones(len(ids), dtype=torch.bool) if present is None else present)
+        return weigh(rows, ids, present)
+
+    v.weigh = spy
+    trainer.fit()  # the first round's absent worker has drawn no batch: no crash
+    present = torch.cat(calls)
+    assert not present.all()  # the regime has weight-0 rows
+    assert v.rows_seen == int(present.sum())
+    byz_present = sum(int(p[-1]) for p in calls)  # the sign flipper is the last worker
+    assert int(v.counts[-1, 2]) == byz_present
+
+
+def test_validator_state_resumes_exactly(tmp_path):
+    """Scores, detection counts, the fresh sampler and every worker's recent batches."""
+    over = ("attack=sign_flip", "validator.own_batches=3")
+    full, _, _ = run(tmp_path / "a", *over)
+    cut = Trainer.from_config(make_config(*COMMON, *over), tmp_path / "b", synthetic_corpus())
+    for _ in range(3):
+        for _ in range(5):
+            cut._inner_step()
+        cut._sync()
+    state = cut.state_dict()
+    resumed = Trainer.from_config(make_config(*COMMON, *over), tmp_path / "c", synthetic_corpus())
+    resumed.load_state_dict(state)
+    resumed.fit()
+    a, b = full.exchange.validator, resumed.exchange.validator
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.assign, b.assign)
+    assert torch.equal(a.counts, b.counts)
+    assert torch.equal(full.group.global_param.data, resumed.group.global_param.data)
+
+
+def test_a_payload_with_a_non_finite_loss_is_flagged_and_kept_out():
+    rows = torch.zeros(4, 4)
+    rows[3] = 1.0  # the payload that breaks the model
+
+    def loss_at(flat, batch):
+        bad = bool((flat < -0.5).any())
+        return torch.full((len(batch[0]),), math.nan if bad else 1.0, dtype=torch.float64)
+
+    batch = (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+    g = Gauntlet(Gauntlet.Config(), loss_at, lambda i: batch, lambda: batch,
+                 lambda: torch.zeros(4), torch.tensor([False, False, False, True]))  # fmt: skip
+    w = g.weigh(rows, [0, 1, 2, 3])
+    assert w.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert torch.isfinite(g.scores).all() and torch.isfinite(g.assign).all()
+    assert not g.seen[3]

@@ -6,25 +6,33 @@ not, and rewards the gap. Here, for every payload row ``delta_i`` of worker ``i`
 alone to the global model in eval mode (``theta_i' = theta - delta_i``: for DiLoCo, worker
 i's model)::
 
-    own_i   = L(theta; A_i) - L(theta_i'; A_i)      A_i: the batch worker i was assigned last
-                                                  this round (a poisoner's clean one)
-    fresh_i = L(theta; F)   - L(theta_i'; F)        F: a batch drawn fresh each round from
-                                                  the training split (never the eval split)
+    own_ij  = L(theta; A_i) - L(theta_j'; A_i)      A_i: the last ``own_batches`` batches
+                                                  worker i was assigned (a poisoner's clean
+                                                  ones), scored for every payload j
+    fresh_i = L(theta; F)   - L(theta_i'; F)        F: ``fresh_batches`` batches drawn fresh
+                                                  each round from the training split (never
+                                                  the eval split)
 
 and per worker two exponential moving averages (``s <- beta s + (1 - beta) raw``, the first
 round taken as is):
 
 - **loss score** ``s_i = EMA(fresh_i)``: does the update help on data nobody was assigned?
-  Flagged when ``s_i <= min_score`` or ``s_i < relative_min * median(s)`` (a sign flipper, a
-  free rider, a random-token poisoner).
-- **assignment score** ``a_i = EMA(own_i - fresh_i)``: was it trained on the batch assigned to
-  it? Flagged when ``a_i <= assign_min`` or ``a_i < assign_relative * median(a)`` (an update
-  trained on other data, a copy of someone else's).
+  (a sign flipper, a random-token poisoner; a free rider early in training).
+- **assignment score** ``a_i = EMA(own_ii - mean_{j != i} own_ij)``: does it lower the loss
+  on the batches its worker was assigned more than the other payloads do? (an update
+  trained on other data, a free rider, a copy of someone else's). Templar compares against
+  the miner's gain on random batches; comparing with the other payloads on the same batches
+  removes the batch-to-batch variance, which was ten times the signal on the robustness
+  setting.
+- Either score below ``median - z * max(1.4826 MAD, spread_floor * |median|)`` over the
+  round's payloads flags the worker (a robust outlier rule); a payload whose loss is not
+  finite is flagged by the loss score and left out of both.
 - **copy check**: a row whose cosine similarity to another row exceeds ``copy_threshold`` is
   a copy; the later one by modelled arrival time is blamed (both when they arrive together).
-  Arrival: a worker's compute time for the round (its steps at its speed) plus its upload; a
-  forged payload built from others' payloads cannot leave before those arrive, so it arrives
-  after the latest of them plus its own upload (see ``arrival`` below).
+  Arrival: a worker's compute time for the round (its steps at its speed) plus its upload
+  (fp32 payload at ``comm.bandwidth_mbps``); a forged payload built from others' payloads
+  cannot leave before those arrive, so it arrives after the latest of them plus its own
+  upload (see :func:`arrival_times`).
 
 A flagged worker gets weight 0 and the others weight 1 (the aggregate is the mean of the
 accepted payloads; late in training an honest worker's loss score is small and noisy, often
@@ -76,12 +84,13 @@ class Gauntlet:
     Args:
         cfg: settings (``conf/validator/gauntlet.yaml``).
         loss_at: evaluates the model at given flat parameters on a batch.
-        own_batch: ``own_batch(i)`` is the batch worker i was assigned last.
-        fresh_batch: draws a new batch from the training split (called once per round).
+        own_batch: ``own_batch(i)``: the last batches worker i was assigned, concatenated.
+        fresh_batch: draws a new batch from the training split (``fresh_batches`` per round).
         theta: returns the current global parameters ``[P]``.
         byzantine: the true ``[K]`` Byzantine mask, for detection metrics only.
         arrival: ``arrival(P)`` gives every worker's modelled arrival ``[K]`` this round for
             payloads of ``P`` fp32 entries (None: all arrive together).
+        sampler: the fresh batches' sampler, checkpointed with the scores.
     """
 
     @dataclass
@@ -126,9 +135,24 @@ class Gauntlet:
             raise ConfigError("validator=gauntlet", "scores full pseudo-gradients: use DiLoCo")
 
     @torch.no_grad()
-    def weigh(self, rows: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
-        """Aggregation weights ``[n]`` for payload rows ``[n, P]`` sent by workers ``ids``."""
-        ids, n = list(ids), len(ids)
+    def weigh(
+        self, rows: torch.Tensor, ids: Sequence[int], present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Aggregation weights ``[n]`` for payload rows ``[n, P]`` sent by workers ``ids``.
+
+        ``present`` ``[n]`` (None: all): the rows that count this round; the others (an
+        absent worker's or one that ran no step, weight 0 in the aggregate) are neither
+        scored, flagged nor counted, and keep weight 1 here.
+        """
+        ids = list(ids)
+        keep = [j for j in range(len(ids)) if present is None or bool(present[j])]
+        weights = torch.ones(len(ids), dtype=torch.float64)
+        if keep:
+            weights[keep] = self._weigh(rows[keep], [ids[j] for j in keep])
+        return weights.float()
+
+    def _weigh(self, rows: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        n = len(ids)
         theta = self.theta().clone()
         fresh = [self.fresh_batch() for _ in range(self.cfg.fresh_batches)]
         own = [self.own_batch(i) for i in ids]
@@ -144,26 +168,37 @@ class Gauntlet:
             gains = base - self.loss_at(theta - rows[j], (x, y))
             fresh_gain[j] = gains[:nf].mean()
             gain[:, j] = torch.stack([g.mean() for g in gains[nf:].split(sizes[len(fresh) :])])
-        others = (gain.sum(1) - gain.diagonal()) / max(n - 1, 1)
-        assign_raw = gain.diagonal() - others
+        # a payload whose loss is not finite is flagged and kept out of every statistic
+        finite = torch.isfinite(fresh_gain) & torch.isfinite(gain).all(0)
+        g = torch.where(finite[None, :], gain, 0.0)
+        count = (int(finite.sum()) - finite.long()).clamp_min(1)
+        assign_raw = g.diagonal() - (g.sum(1) - g.diagonal()) / count
         self.raw = (fresh_gain, assign_raw, gain)  # this round's gains, for diagnostics
         for j, i in enumerate(ids):
+            if not finite[j]:
+                continue
             b = self.cfg.beta if self.seen[i] else 0.0
             self.scores[i] = b * self.scores[i] + (1 - b) * fresh_gain[j]
             self.assign[i] = b * self.assign[i] + (1 - b) * assign_raw[j]
             self.seen[i] = True
-        flags = {
-            "loss": self._outliers(self.scores[ids]),
-            "assignment": self._outliers(self.assign[ids]),
-            "copy": self._copies(rows, ids),
-        }
+        loss = ~finite
+        assign = torch.zeros(n, dtype=torch.bool)
+        ok = [i for i, f in zip(ids, finite.tolist(), strict=True) if f]
+        if ok:
+            loss[finite] = self._outliers(self.scores[ok])
+            assign[finite] = self._outliers(self.assign[ok])
+        flags = {"loss": loss, "assignment": assign, "copy": self._copies(rows, ids)}
         flagged = flags["loss"] | flags["assignment"] | flags["copy"]
         weights = (~flagged).to(torch.float64)
         self._detect(flags, flagged, weights, ids)
-        return weights.float()
+        return weights
 
     def _outliers(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores below ``median - z * max(1.4826 MAD, spread_floor * |median|)``."""
+        """Scores below ``median - z * max(1.4826 MAD, spread_floor * |median|)``.
+
+        ``median`` is the lower median of an even count (``torch.median``); with one or two
+        scores nothing can be an outlier.
+        """
         med = scores.median()
         mad = 1.4826 * (scores - med).abs().median()
         return scores < med - self.cfg.z * torch.maximum(mad, self.cfg.spread_floor * med.abs())
@@ -171,12 +206,12 @@ class Gauntlet:
     def _copies(self, rows: torch.Tensor, ids: list[int]) -> torch.Tensor:
         """Rows nearly parallel to another row that arrived no later than they did."""
         unit = torch.nn.functional.normalize(rows.double(), dim=1)
-        similar = (unit @ unit.T) > self.cfg.copy_threshold
+        similar = ((unit @ unit.T) > self.cfg.copy_threshold).cpu()
         similar.fill_diagonal_(False)
         if self.arrival is None:
             t = torch.zeros(len(ids), dtype=torch.float64)
         else:
-            t = self.arrival(rows.shape[1])[ids].to(torch.float64)
+            t = self.arrival(rows.shape[1])[ids].to(torch.float64).cpu()
         not_earlier = t[:, None] >= t[None, :]  # [j, m]: j arrived no earlier than m
         return (similar & not_earlier).any(dim=1)
 

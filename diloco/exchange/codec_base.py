@@ -70,6 +70,15 @@ class Codec:
         """Decode to fp32 rows of ``enc.shape``."""
         raise NotImplementedError
 
+    def forger(self) -> Codec:
+        """The codec a Byzantine worker encodes its forged rows with: this wire format.
+
+        A codec that draws its support at random (``randk``) returns a deterministic one of
+        the same size instead: the receiver cannot tell which entries a sender drew, so a
+        forger picks them.
+        """
+        return self
+
     def state_dict(self) -> dict[str, Any]:
         """Random-generator state of stochastic codecs (empty otherwise)."""
         gen = getattr(self, "gen", None)

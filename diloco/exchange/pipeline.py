@@ -82,8 +82,9 @@ class ExchangePipeline:
     Args:
         comm: the communicator (counts bytes).
         codec, aggregator, attack: factories; one instance of each per payload stream.
-        forge_codec: the bare wire format (``codec`` without error feedback) that forged
-            payloads are encoded with (default: ``codec``).
+        forge_codec: the wire format that forged payloads are encoded with
+            (:meth:`~diloco.exchange.codec_base.Codec.forger` of ``codec`` without error
+            feedback when built from the config; default here: ``codec``).
         byzantine: ``[K]`` mask of the workers the attack controls.
         max_abs: payload entries above this magnitude are malformed (None: no bound).
         validator: scores payloads into weights (None: none).
@@ -150,7 +151,10 @@ class ExchangePipeline:
             except ValueError as err:  # e.g. f too large for K workers
                 raise ConfigError(key, f"{err} (with workers.count={k})") from None
         max_abs = comm.cfg.max_abs
-        bare = functools.partial(make_codec, cfg.codec, feedback=False)
+
+        def bare() -> Codec:
+            return make_codec(cfg.codec, feedback=False).forger()
+
         return cls(comm, codec, aggregator, forging, mask, max_abs, validator, round_of, bare)
 
     def customized(self) -> list[str]:
@@ -217,9 +221,11 @@ class ExchangePipeline:
         gathered = torch.stack([payloads[i] for i in ok])
         w = None if weights is None else weights[ok]
         if self.validator is not None:
-            scored = self.validator.weigh(gathered, ok)
-            if scored.sum() > 0:
-                w = scored if w is None else scored * w
+            present = None if w is None else w > 0
+            scored = self.validator.weigh(gathered, ok, present)
+            combined = scored if w is None else scored * w
+            if combined.sum() > 0:
+                w = combined
             else:
                 log.warning("round %d: validator gave every payload weight 0; ignored", round_)
         return parts["aggregator"](gathered, w)

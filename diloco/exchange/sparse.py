@@ -133,6 +133,10 @@ class RandK(TopK):
         keys = torch.rand(x.shape, generator=self.gen).to(x.device)
         return keys.topk(k, dim=1, sorted=False).indices
 
+    def forger(self) -> Codec:
+        """A forger sends its own choice of k entries (the largest): :class:`TopK`, same size."""
+        return TopK(TopK.Config(k=self.cfg.k, fraction=self.cfg.fraction))
+
 
 class DCTTopK(Sparsifier):
     """DeMo's transform-and-select (Peng et al. 2024, arXiv 2411.19870) on payload rows.
