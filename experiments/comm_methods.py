@@ -23,8 +23,10 @@ XS = {
 
 
 def method(run: str) -> str:
-    """``0_algorithm=ddp`` -> ``ddp``; ``1_codec=int4`` (DiLoCo) -> ``diloco_int4``."""
-    overrides = dict(p.split("=", 1) for p in run.split("_", 1)[1].split(",") if "=" in p)
+    """``0_algorithm=ddp`` or ``algorithm=ddp`` -> ``ddp``; ``codec=int4`` -> ``diloco_int4``."""
+    head, _, rest = run.partition("_")
+    body = rest if head.isdigit() else run  # with or without the sweep's job number
+    overrides = dict(p.split("=", 1) for p in body.split(",") if "=" in p)
     if "codec" in overrides:
         return f"diloco_{overrides['codec']}"
     return overrides.get("algorithm", run)
