@@ -455,7 +455,6 @@ class ShardSampler:
         self.batch_size, self.seed, self.worker_id = batch_size, seed, worker_id
         self.epoch = self.position = 0
         self._order: tuple[int, torch.Tensor] | None = None
-        self.last_assigned: tuple[torch.Tensor, torch.Tensor] | None = None  # the last batch
         self.recent: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque(
             maxlen=1
         )  # the last few batches drawn (a validator re-reads them); ``remember`` sets how many
@@ -478,9 +477,13 @@ class ShardSampler:
             if self.position == len(self.indices):
                 self.epoch, self.position = self.epoch + 1, 0
         seqs = self.data[torch.cat(picks)]
-        self.last_assigned = seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
-        self.recent.append(self.last_assigned)
-        return self.last_assigned
+        self.recent.append((seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()))
+        return self.recent[-1]
+
+    @property
+    def last_assigned(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last batch drawn (None before the first)."""
+        return self.recent[-1] if self.recent else None
 
     def remember(self, n: int) -> None:
         """Keep the last ``n`` batches drawn in ``recent``."""

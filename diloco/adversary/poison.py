@@ -51,12 +51,10 @@ class PoisonedSampler:
             raise ValueError(f"poison mode {mode!r}: allowed shuffle, random")
         self.sampler, self.mode, self.vocab = sampler, mode, vocab_size
         self.seed, self.worker, self.draws = seed, worker, 0
-        self.last_assigned: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The wrapped sampler's next batch, corrupted; ``y`` stays ``x`` shifted by one."""
         x, y = self.sampler.next_batch()
-        self.last_assigned = (x, y)  # what the worker was assigned (and trains on corrupted)
         seqs = torch.cat([x, y[:, -1:]], dim=1)
         digest = hashlib.sha256(f"{self.seed}/{self.worker}/{self.draws}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
@@ -67,6 +65,11 @@ class PoisonedSampler:
             order = torch.rand(seqs.shape, generator=gen).argsort(dim=1)
             seqs = seqs.gather(1, order)
         return seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+
+    @property
+    def last_assigned(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last clean batch the worker was assigned (it trains on a corrupted copy)."""
+        return self.sampler.last_assigned
 
     @property
     def recent(self) -> Any:

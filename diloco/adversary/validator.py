@@ -162,18 +162,20 @@ class Gauntlet:
         sizes = [len(b[0]) for b in batches]
         base = self.loss_at(theta, (x, y))
         nf = sum(sizes[: len(fresh)])
+        owner = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes[len(fresh) :]))
+        per_owner = torch.bincount(owner, minlength=n).to(torch.float64)
         fresh_gain = torch.zeros(n, dtype=torch.float64)
         gain = torch.zeros(n, n, dtype=torch.float64)  # [m, j]: payload j on ids[m]'s batch
-        for j in range(n):
+        for j in range(n):  # one forward of every batch per payload
             gains = base - self.loss_at(theta - rows[j], (x, y))
             fresh_gain[j] = gains[:nf].mean()
-            gain[:, j] = torch.stack([g.mean() for g in gains[nf:].split(sizes[len(fresh) :])])
+            gain[:, j] = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, gains[nf:])
+        gain /= per_owner[:, None]
         # a payload whose loss is not finite is flagged and kept out of every statistic
         finite = torch.isfinite(fresh_gain) & torch.isfinite(gain).all(0)
         g = torch.where(finite[None, :], gain, 0.0)
         count = (int(finite.sum()) - finite.long()).clamp_min(1)
         assign_raw = g.diagonal() - (g.sum(1) - g.diagonal()) / count
-        self.raw = (fresh_gain, assign_raw, gain)  # this round's gains, for diagnostics
         for j, i in enumerate(ids):
             if not finite[j]:
                 continue
