@@ -271,6 +271,10 @@ class DeMo(Optimizer):
         Returns:
             ``[indices_0, values_0, indices_1, values_1, ...]``, one pair per geometry.
         """
+        return DeMo.encode_many([self])[0]
+
+    def _local_momentum(self) -> None:
+        """Decoupled weight decay and ``delta = decay * delta + lr * grad``, per group."""
         layout = self._get_layout()
         for group, params in zip(self.param_groups, layout.by_group, strict=True):
             if not params:
@@ -288,21 +292,50 @@ class DeMo(Optimizer):
             for p in params:
                 self.state[p]["step"] += 1
 
-        payload: list[Tensor] = []
-        for geo in layout.geometries:
-            ndim = len(geo.chunk)
-            n_rows = geo.n_chunks
-            deltas = geo.tensor_views(self._deltas([m.param for m in geo.members]))
-            buf = torch.empty((n_rows, *geo.chunk), dtype=geo.dtype, device=geo.device)
-            torch._foreach_copy_(geo.piece_views(buf), deltas)
-            coeffs = dct_nd(buf, ndim).reshape(n_rows, geo.n_coeffs)
+    @staticmethod
+    @torch.no_grad()
+    def encode_many(optimizers: Sequence[DeMo]) -> list[list[Tensor]]:
+        """:meth:`encode` of several optimizers of one layout (simulated workers) at once.
+
+        Every geometry's chunks of all of them go through one DCT, one top-k and one
+        error-feedback decode (``[W * N_g, *chunk]``), instead of one per optimizer.
+        Returns each optimizer's payload; the momenta end as after separate ``encode()``
+        calls, to the rounding of the larger matmuls (bitwise with one thread, tested).
+
+        Raises:
+            ValueError: If the optimizers' layouts or wire options differ.
+        """
+        first = optimizers[0]
+        layouts = [opt._get_layout() for opt in optimizers]
+        shape = [(g.chunk, g.k, g.n_chunks, g.dtype, g.alpha) for g in layouts[0].geometries]
+        for opt, layout in zip(optimizers, layouts, strict=True):
+            wire = (opt.sign_values, opt.value_dtype)
+            if wire != (first.sign_values, first.value_dtype) or shape != [
+                (g.chunk, g.k, g.n_chunks, g.dtype, g.alpha) for g in layout.geometries
+            ]:
+                raise ValueError("encode_many needs optimizers of one layout and wire format")
+        for opt in optimizers:
+            opt._local_momentum()
+
+        w = len(optimizers)
+        payloads: list[list[Tensor]] = [[] for _ in optimizers]
+        for gi, geo in enumerate(layouts[0].geometries):
+            ndim, n = len(geo.chunk), geo.n_chunks
+            buf = torch.empty((w * n, *geo.chunk), dtype=geo.dtype, device=geo.device)
+            deltas = []
+            for j, (opt, layout) in enumerate(zip(optimizers, layouts, strict=True)):
+                g = layout.geometries[gi]
+                d = g.tensor_views(opt._deltas([m.param for m in g.members]))
+                torch._foreach_copy_(g.piece_views(buf[j * n : (j + 1) * n]), d)
+                deltas.append(d)
+            coeffs = dct_nd(buf, ndim).reshape(w * n, geo.n_coeffs)
             idx = coeffs.abs().topk(geo.k, dim=1, sorted=False).indices
             val = coeffs.gather(1, idx)
-            if self.sign_values:
+            if first.sign_values:
                 wire_val = pack_signs(val)
                 kept = val
-            elif self.value_dtype is not None and self.value_dtype != val.dtype:
-                wire_val = val.to(self.value_dtype)
+            elif first.value_dtype is not None and first.value_dtype != val.dtype:
+                wire_val = val.to(first.value_dtype)
                 kept = wire_val.to(val.dtype)
             else:
                 wire_val = kept = val
@@ -312,11 +345,14 @@ class DeMo(Optimizer):
                 sent_dense = sparse_idct(idx, kept, geo.chunk)
             else:
                 sent = torch.zeros_like(coeffs).scatter_(1, idx, kept)
-                sent_dense = idct_nd(sent.view(n_rows, *geo.chunk), ndim)
-            torch._foreach_sub_(deltas, geo.piece_views(sent_dense))
-            payload.append(idx if geo.index_dtype == torch.int64 else idx.to(geo.index_dtype))
-            payload.append(wire_val)
-        return payload
+                sent_dense = idct_nd(sent.view(w * n, *geo.chunk), ndim)
+            wire_idx = idx if geo.index_dtype == torch.int64 else idx.to(geo.index_dtype)
+            for j, layout in enumerate(layouts):
+                rows = slice(j * n, (j + 1) * n)
+                g = layout.geometries[gi]
+                torch._foreach_sub_(deltas[j], g.piece_views(sent_dense[rows]))
+                payloads[j] += [wire_idx[rows], wire_val[rows]]
+        return payloads
 
     @torch.no_grad()
     def apply(self, gathered: Sequence[Tensor]) -> None:

@@ -16,6 +16,8 @@ pulled).
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +32,9 @@ from diloco.exchange.pipeline import ExchangePipeline
 from diloco.faults import Faults
 from diloco.profiles import Profiles, worker_profiles
 from diloco.sync import Progress, SyncPolicy
-from diloco.workers import Batch, WorkerGroup
+from diloco.workers import Batch, ExecutionError, WorkerGroup
 
+log = logging.getLogger(__name__)
 EVAL_BATCH = 32  # sequences per eval forward; the eval set does not depend on it
 
 
@@ -66,8 +69,32 @@ class Parts:
     progress: Progress
 
 
+def torch_threads(threads: int | None) -> int:
+    """Intra-op threads for this process (set by :func:`build_comm`, logged).
+
+    ``workers.threads``, else ``$OMP_NUM_THREADS``, else the cores shared among the processes
+    started here (ranks of one node, parallel tests), so that parallel runs do not
+    oversubscribe the cores.
+    """
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    if threads is None:
+        here = next(
+            (int(os.environ[v]) for v in _PROCESSES_HERE if os.environ.get(v, "").isdigit()), 1
+        )
+        threads = max(1, (os.cpu_count() or 1) // max(1, here))
+    return threads
+
+
+_PROCESSES_HERE = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "PYTEST_XDIST_WORKER_COUNT")
+
+
 def build_comm(cfg: Config) -> tuple[Communicator, torch.device]:
     """The communicator (joining the process group under ``comm=torchdist``) and the device."""
+    threads = torch_threads(cfg.workers.threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    log.info("torch threads: %d", threads)
     device = parse_device(cfg.device)
     comm = build(cfg.comm, "comm", num_workers=cfg.workers.count, device=device)
     if comm.world_size > 1 and device.type == "cuda":
@@ -79,9 +106,13 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
     """Every other part of the run, from the config, around ``comm``."""
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, "model", vocab_size=corpus.vocab_size, block_size=cfg.data.seq_len)
-    group = WorkerGroup(
-        model.to(device), comm.local_ids, build_optimizer(cfg.optimizer, "optimizer")
-    )
+    try:
+        group = WorkerGroup(
+            model.to(device), comm.local_ids, build_optimizer(cfg.optimizer, "optimizer"),
+            cfg.workers.execution,
+        )  # fmt: skip
+    except ExecutionError as err:
+        raise ConfigError(f"workers.execution={cfg.workers.execution}", str(err)) from None
     algorithm = build(cfg.algorithm, "algorithm", group)
     progress = Progress(cfg.train.steps, cfg.workers.count)
 

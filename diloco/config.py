@@ -65,6 +65,8 @@ class WorkersConfig:
     sigma: float = field(default=0.5, metadata=_ge(0.0))
     speeds: list[float] | None = field(default=None, metadata={"gt": 0.0})
     bandwidth_factors: list[float] | None = field(default=None, metadata={"gt": 0.0})
+    execution: Literal["auto", "loop", "batched"] = "auto"
+    threads: int | None = field(default=None, metadata=_ge(1))
 
 
 @dataclass

@@ -147,7 +147,7 @@ class Trainer:
         return {
             M.TRAIN_LOSS: loss / ran,
             M.TRAIN_GRAD_NORM: norm / ran,
-            M.TRAIN_LR: self.group.optimizers[0].param_groups[0]["lr"],
+            M.TRAIN_LR: self.group.inner.lr,
         }
 
     def _sync(self, steps: list[int] | None = None, plan: RoundPlan | None = None) -> int:
@@ -234,7 +234,7 @@ class Trainer:
             now = self.parts.faults.at(self.round)
             for w in now.crashed:  # a crash loses the worker's local optimizer state
                 if w in self.local_ids:
-                    self.group.optimizers[self.local_ids.index(w)].state.clear()
+                    self.group.inner.reset(self.local_ids.index(w))
             plan = self.policy.plan(self.progress, now)
             if plan is None:
                 break
@@ -280,6 +280,8 @@ class Trainer:
             "comm_bytes_per_worker": self.comm.sent.mean().item(),
             "comm_bytes_total": self.comm.sent.sum().item(),
             "wall_time_s": self.wall_s,
+            "execution": "batched" if self.group.batched else "loop",
+            "torch_threads": torch.get_num_threads(),
             **self.clock.summary(),
             **(validator.summary() if validator is not None else {}),
         }
@@ -320,7 +322,10 @@ class Trainer:
         self.wall_s = state["wall_s"]
         self.clock.load_state_dict(state["clock"])
         self.last_eval = state["last_eval"]
-        self.group.load_state_dict(state["group"])
+        try:
+            self.group.load_state_dict(state["group"])
+        except ValueError as err:  # the checkpoint's inner optimizer has the other form
+            raise ConfigError("resume", str(err)) from None
         self.algorithm.load_state_dict(state["algorithm"])
         self.comm.load_state_dict(state["comm"])
         self.exchange.load_state_dict(state["exchange"])

@@ -6,35 +6,43 @@ a pseudo-gradient is ``global[None] - params``, a resync is one ``copy_``. The g
 parameters are views into the ``[P]`` vector :attr:`WorkerGroup.global_param`, a single
 ``nn.Parameter`` that the outer optimizer steps.
 
-Inner steps run as a Python loop over the replicas, which works for any ``nn.Module`` whose
-``forward(idx, targets)`` returns ``(logits, loss)``. Inner optimizers stay local: one that
-would exchange on its own (:class:`demo_optim.DeMo` under a process group) is given a gather
-over its own worker only; exchanges are the algorithm's business.
+Two ways to run the inner steps (``workers.execution``):
+
+* ``batched``: one forward and backward for all replicas, through the model's
+  ``batched_loss(weights, idx, targets)`` (the built-in models have one: every layer is one
+  ``bmm`` over the replicas; see :mod:`diloco.models.batched`), with the weights as strided
+  views of the matrix rows, and the inner optimizer as one update of the matrix
+  (:mod:`diloco.inner`; AdamW and SGD, bitwise equal to K torch optimizers). A worker costs
+  about what its tokens cost one model, for any K.
+* ``loop``: a Python loop over the replicas, each with its own forward, backward and torch
+  optimizer; works for any ``nn.Module`` whose ``forward(idx, targets)`` returns
+  ``(logits, loss)`` and any optimizer.
+
+``auto`` (the default) batches when the model has ``batched_loss``, with one worker per process
+too, so that a worker's numbers do not depend on how many share its process: with one intra-op
+thread they are bitwise the same for any placement (simulated == torch.distributed; with more
+threads a ``bmm`` splits its work by replica count and the last bits differ). Batched and loop
+agree to fp32 rounding (batched matmuls sum in another order; tested per algorithm); dropout
+draws other masks. Batched activations of all K replicas live at once (as for one model on
+K x B sequences). Inner optimizers stay local: one that would exchange on its own
+(:class:`demo_optim.DeMo` under a process group) is given a gather over its own worker only;
+exchanges are the algorithm's business.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+from diloco.inner import LoopOptimizers, OptimizerFactory, matrix_form, param_groups
+
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on matrices (>= 2-D), none on vectors (biases, norms), as in GPT-2."""
-    params = list(model.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups: list[dict[str, Any]] = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+Execution = Literal["auto", "loop", "batched"]
 
 
 def _bind(model: nn.Module, flat: torch.Tensor, grad: torch.Tensor | None) -> None:
@@ -70,10 +78,18 @@ class WorkerGroup:
         model: the initial global model (its parameters are copied, then rebound).
         worker_ids: global ids of the workers hosted here.
         optimizer: builds an inner optimizer from parameter groups.
+        execution: ``auto``, ``loop`` or ``batched`` (see the module docstring).
+
+    Raises:
+        ExecutionError: ``batched`` for a model without ``batched_loss``.
     """
 
     def __init__(
-        self, model: nn.Module, worker_ids: Sequence[int], optimizer: OptimizerFactory
+        self,
+        model: nn.Module,
+        worker_ids: Sequence[int],
+        optimizer: OptimizerFactory,
+        execution: Execution = "auto",
     ) -> None:
         self.worker_ids = list(worker_ids)
         params = list(model.parameters())
@@ -82,7 +98,8 @@ class WorkerGroup:
         self.num_params = sum(p.numel() for p in params)
         init = torch.cat([p.detach().reshape(-1) for p in params])
         k = len(self.worker_ids)
-        self.replicas = [copy.deepcopy(model) for _ in range(k)]
+        self.batched = resolve_execution(model, k, execution)
+        self.replicas = [copy.deepcopy(model) for _ in range(1 if self.batched else k)]
         self.global_model = model
         self.global_param = nn.Parameter(init.clone())
         self.global_param.grad = torch.zeros_like(init)
@@ -92,37 +109,93 @@ class WorkerGroup:
         self.grads = torch.zeros_like(self.params)
         for i, replica in enumerate(self.replicas):
             _bind(replica, self.params[i], self.grads[i])
-        self.optimizers = [optimizer(param_groups(r)) for r in self.replicas]
+        self.inner: Any = self._inner_optimizers(optimizer)
         self.active = [True] * k  # which workers ran the current step
         self.grad_norms = torch.zeros(k)  # each worker's gradient norm before clipping
         self.anchors: torch.Tensor | None = None  # per-worker pulled models (track_origins)
-        for opt in self.optimizers:
-            for g in opt.param_groups:
-                g.setdefault("initial_lr", g["lr"])
+        # the batched forward's weights: per-parameter [K, *shape] views of the matrix rows
+        sizes = [p.numel() for p in params]
+        names = [n for n, _ in model.named_parameters()]
+        self._views = {
+            n: (w.view(k, *p.shape), g.view(k, *p.shape))
+            for n, p, w, g in zip(
+                names, params, self.params.split(sizes, 1), self.grads.split(sizes, 1),
+                strict=True,
+            )
+        }  # fmt: skip
+
+    def _inner_optimizers(self, optimizer: OptimizerFactory) -> Any:
+        """The matrix form of the optimizer when batched and there is one, else a loop."""
+        probe = optimizer(param_groups(self.replicas[0]))
+        form = matrix_form(probe) if self.batched else None
+        if form is not None:
+            return form(self.params, self.grads, probe, list(self.replicas[0].parameters()))
+        if self.batched:  # a torch optimizer per worker needs a replica's parameter views
+            for i in range(1, self.size):
+                self.replicas.append(copy.deepcopy(self.replicas[0]))
+                _bind(self.replicas[i], self.params[i], self.grads[i])
+        optimizers = [probe] + [optimizer(param_groups(r)) for r in self.replicas[1:]]
+        for opt in optimizers:
             if hasattr(opt, "gather_fn"):  # an optimizer that exchanges on its own: keep local
                 opt.gather_fn = _local_gather
+        return LoopOptimizers(optimizers)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The per-worker torch optimizers (loop form only)."""
+        if self.inner.matrix:
+            raise AttributeError("the inner optimizer is one matrix update (workers.execution)")
+        return list(self.inner.optimizers)
 
     @property
     def size(self) -> int:
         """Number of workers hosted here (``K_local``)."""
-        return len(self.replicas)
+        return len(self.worker_ids)
 
     def forward_backward(self, batches: Sequence[Batch | None]) -> torch.Tensor:
         """Forward and backward per worker on its batch (None: idle this step).
 
         Returns the losses of the workers that ran.
         """
-        self.grads.zero_()
         self.active = [b is not None for b in batches]
+        if not any(self.active):  # every worker here sits out this step (others may run)
+            self.grads.zero_()
+            return torch.zeros(0, device=self.params.device)
+        if self.batched:
+            return self._forward_backward_batched([b for b in batches if b is not None])
+        self.grads.zero_()
         losses = []
         for replica, batch in zip(self.replicas, batches, strict=True):
             if batch is not None:
                 _, loss = replica(*batch)
                 loss.backward()
                 losses.append(loss.detach())
-        if not losses:  # every worker here sits out this step (others elsewhere may run)
-            return torch.zeros(0, device=self.params.device)
         return torch.stack(losses)
+
+    def _forward_backward_batched(self, batches: list[Batch]) -> torch.Tensor:
+        """All active replicas in one pass of ``batched_loss``; gradients into their rows."""
+        rows = [i for i, a in enumerate(self.active) if a]
+        every = len(rows) == self.size
+        index = torch.tensor(rows, device=self.params.device)
+        leaves = {
+            n: (w if every else w[index]).detach().requires_grad_()
+            for n, (w, _) in self._views.items()
+        }
+        idx = torch.stack([x for x, _ in batches])
+        targets = torch.stack([y for _, y in batches])
+        model = self.replicas[0]
+        losses = model.batched_loss(leaves, idx, targets)  # type: ignore[operator]
+        losses.sum().backward()
+        if not every:
+            self.grads.zero_()
+        for n, (_, g) in self._views.items():
+            grad = leaves[n].grad
+            assert grad is not None
+            if every:
+                g.copy_(grad)
+            else:
+                g.index_copy_(0, index, grad)
+        return losses.detach()
 
     def clip_grads(self, max_norm: float) -> torch.Tensor:
         """Clip each worker's whole gradient to ``max_norm`` (0: no clipping); returns norms.
@@ -138,16 +211,12 @@ class WorkerGroup:
 
     def set_lr(self, lr_mult: float) -> None:
         """Set every inner optimizer's rate to ``lr_mult`` times its base rate."""
-        for opt in self.optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * lr_mult
+        self.inner.set_lr(lr_mult)
 
     def optimizer_step(self, lr_mult: float) -> None:
-        """One inner optimizer step on every worker, at ``lr_mult`` times the base rate."""
+        """One inner optimizer step on every worker that ran, at ``lr_mult`` times the base rate."""
         self.set_lr(lr_mult)
-        for opt, active in zip(self.optimizers, self.active, strict=True):
-            if active:
-                opt.step()
+        self.inner.step(self.active)
 
     def broadcast_global(self) -> None:
         """Copy the global model into every worker's row."""
@@ -179,7 +248,7 @@ class WorkerGroup:
         return {
             "params": self.params.clone(),
             "global": self.global_param.data.clone(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            **self.inner.state_dict(),
             **({"anchors": self.anchors.clone()} if self.anchors is not None else {}),
         }
 
@@ -189,5 +258,19 @@ class WorkerGroup:
         self.global_param.data.copy_(state["global"])
         if self.anchors is not None:  # older checkpoints: every worker sat at its pull
             self.anchors.copy_(state.get("anchors", state["params"]))
-        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(s)
+        self.inner.load_state_dict(state)
+
+
+class ExecutionError(ValueError):
+    """The model cannot run the requested ``workers.execution``."""
+
+
+def resolve_execution(model: nn.Module, k: int, execution: Execution) -> bool:
+    """Whether ``workers.execution`` batches the replicas of ``model`` (``k`` in this process)."""
+    able = callable(getattr(model, "batched_loss", None))
+    if execution == "batched" and not able:
+        raise ExecutionError(
+            f"{type(model).__name__} has no batched_loss(weights, idx, targets); "
+            "use workers.execution=loop or auto"
+        )
+    return execution == "batched" or (execution == "auto" and able)

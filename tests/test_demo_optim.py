@@ -735,3 +735,36 @@ def test_two_gloo_ranks_default_all_gather_equals_single_process_reference(tmp_p
         for a, b in zip(ranks[0][i][0], ranks[1][i][0], strict=True):
             assert torch.equal(a, b)
         assert not torch.equal(ranks[0][i][1][0], ranks[1][i][1][0])  # the ranks did differ
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"sign_values": True}, {"value_dtype": torch.bfloat16, "alpha": 0.5},
+     {"index_dtype": "auto", "weight_decay": 0.1, "compression_topk": 300}],
+    ids=["reference", "signs", "bf16_alpha", "auto_index_dense"],
+)  # fmt: skip
+def test_encode_many_equals_separate_encodes(options):
+    """Three workers' encodes as one batched DCT / top-k / decode: the same payloads and
+    momenta as three ``encode()`` calls (one thread: bitwise), over several steps."""
+    base = make_params(dtype=torch.float32)
+    workers = [clone_params(base) for _ in range(3)]
+    separate = [DeMo(p, lr=0.01, compression_chunk=16, **options) for p in workers]
+    copies = [clone_params(base) for _ in range(3)]
+    together = [DeMo(p, lr=0.01, compression_chunk=16, **options) for p in copies]
+    for step in range(3):
+        for j in range(3):
+            grads = rand_grads(base, seed=10 * step + j)
+            set_grads(workers[j], grads)
+            set_grads(copies[j], grads)
+        one_by_one = [opt.encode() for opt in separate]
+        at_once = DeMo.encode_many(together)
+        for a, b in zip(one_by_one, at_once, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        for a, b in zip(separate, together, strict=True):
+            pairs = zip(a.param_groups[0]["params"], b.param_groups[0]["params"], strict=True)
+            for pa, pb in pairs:
+                assert torch.equal(a.state[pa]["delta"], b.state[pb]["delta"])
+                assert torch.equal(pa, pb)
+    other = DeMo(make_params(dtype=torch.float32), lr=0.01, compression_chunk=8)
+    with pytest.raises(ValueError, match="one layout"):
+        DeMo.encode_many([together[0], other])

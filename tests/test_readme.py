@@ -299,7 +299,8 @@ def test_inner_sgd_steps_every_worker_and_trains(tmp_path):
     assert cfg.optimizer["_target_"] == "torch.optim.SGD"
     corpus = synthetic_corpus()
     trainer = Trainer.from_config(cfg, tmp_path / "a", corpus)
-    assert all(type(o) is torch.optim.SGD for o in trainer.group.optimizers)
+    inner = trainer.group.inner  # the matrix form of SGD (batched) with SGD's settings
+    assert type(inner).__name__ == "MatrixSGD" and inner.groups[0]["momentum"] == 0.0
     before = trainer.group.params.clone()
     trainer._inner_step()  # step 0: warmup multiplier 1/2
     grads = trainer.group.grads  # clipped to norm <= 1 in place
@@ -366,7 +367,7 @@ def test_leaving_worker_stops_contributing_and_keeps_its_state(tmp_path):
         torch.testing.assert_close(new_global, before[present].mean(0), atol=1e-6, rtol=0)
         assert not torch.allclose(new_global, before.mean(0), atol=1e-4)
     assert trainer.worker_steps.tolist() == [24, 16, 24, 24]
-    steps_of = [int(next(iter(o.state.values()))["step"]) for o in trainer.group.optimizers]
+    steps_of = trainer.group.inner.steps
     assert steps_of == [24, 16, 24, 24]  # AdamW kept counting across the leave
 
 

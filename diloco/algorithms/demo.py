@@ -42,7 +42,8 @@ class DeMoSync(AlgorithmBase):
     def __init__(self, cfg: Config, group: WorkerGroup) -> None:
         self.name = cfg.name
         self.excluded_total = 0
-        if not all(isinstance(opt, DeMo) for opt in group.optimizers):
+        optimizers = getattr(group.inner, "optimizers", [])
+        if not optimizers or not all(isinstance(opt, DeMo) for opt in optimizers):
             raise ConfigError("optimizer", "algorithm=demo needs optimizer=demo (demo_optim.DeMo)")
 
     @staticmethod
@@ -59,14 +60,14 @@ class DeMoSync(AlgorithmBase):
             )
 
     def inner_step(self, group: WorkerGroup, ctx: StepContext) -> None:
-        """Encode on every worker, all-gather the payloads (one collective), check, apply once.
+        """Encode every worker at once, all-gather the payloads (one collective), check, apply.
 
         Every worker would apply the same aggregate to the same parameters, so worker 0
         applies it and its row is copied to the others (one decode instead of K).
         """
         group.clip_grads(ctx.grad_clip)
         group.set_lr(ctx.lr_mult)
-        payloads = [opt.encode() for opt in group.optimizers]  # type: ignore[attr-defined]
+        payloads = DeMo.encode_many(group.optimizers)  # type: ignore[arg-type]
         gathered = ctx.gather([torch.stack(parts) for parts in zip(*payloads, strict=True)])
         bounds = group.optimizers[0].index_bounds()  # type: ignore[attr-defined]
         bad = self.bad_senders(gathered, payloads[0], bounds)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from diloco.models.batched import embedding, layer_norm, linear, token_losses
+
 __all__ = ["GPT"]
 
 
@@ -210,6 +212,40 @@ class GPT(nn.Module):
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
         return logits, lm_loss(logits, idx, targets)
+
+    def batched_loss(self, w: dict[str, Tensor], idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean loss of K replicas at once: ``w[name]`` is ``[K, *shape]``, ``idx`` ``[K, B, T]``.
+
+        The same computation as :meth:`forward` per replica (equal to fp32 rounding; dropout
+        draws its own masks), with one ``bmm`` per layer over the replicas. Returns ``[K]``.
+        """
+        k, b, t = idx.shape
+        if t > self.block_size:
+            raise ValueError(f"sequence length T={t} exceeds block_size={self.block_size}")
+        c, h, p = self.n_embd, self.n_head, self.drop.p if self.training else 0.0
+        x = embedding(w["tok_emb.weight"], idx) + w["pos_emb.weight"][:, None, :t]
+        x = F.dropout(x.reshape(k, b * t, c), p, self.training)
+        for i in range(self.n_layer):
+            pre = f"blocks.{i}."
+
+            def ln(name: str, x: Tensor, pre: str = pre) -> Tensor:
+                return layer_norm(x, w[pre + name + ".weight"], w.get(pre + name + ".bias"))
+
+            def fc(name: str, x: Tensor, pre: str = pre) -> Tensor:
+                return linear(x, w[pre + name + ".weight"], w.get(pre + name + ".bias"))
+
+            qkv = fc("attn.qkv", ln("ln_1", x))
+            q, kk, v = rearrange(
+                qkv, "k (b t) (three h d) -> three (k b) h t d", b=b, three=3, h=h
+            ).unbind(0)
+            y = F.scaled_dot_product_attention(q, kk, v, dropout_p=p, is_causal=True)
+            y = rearrange(y, "(k b) h t d -> k (b t) (h d)", k=k)
+            x = x + F.dropout(fc("attn.out_proj", y), p, self.training)
+            up = F.gelu(fc("mlp.up_proj", ln("ln_2", x)))
+            x = x + F.dropout(fc("mlp.down_proj", up), p, self.training)
+        x = layer_norm(x, w["ln_f.weight"], w.get("ln_f.bias"))
+        head = w["tok_emb.weight"] if self.tie_weights else w["lm_head.weight"]
+        return token_losses(linear(x, head), targets.reshape(k, b * t))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Count parameters (each shared Parameter once).

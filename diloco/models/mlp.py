@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from diloco.models.batched import embedding, linear, token_losses
 from diloco.models.gpt import _check_positive_int, lm_loss
 
 __all__ = ["TinyMLP"]
@@ -71,6 +72,14 @@ class TinyMLP(nn.Module):
             )
         logits = self.fc_out(self.act(self.fc_in(self.tok_emb(idx))))
         return logits, lm_loss(logits, idx, targets)
+
+    def batched_loss(self, w: dict[str, Tensor], idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean loss of K replicas at once (see :meth:`diloco.models.GPT.batched_loss`)."""
+        k = idx.shape[0]
+        x = embedding(w["tok_emb.weight"], idx).reshape(k, -1, self.tok_emb.embedding_dim)
+        x = self.act(linear(x, w["fc_in.weight"], w["fc_in.bias"]))
+        logits = linear(x, w["fc_out.weight"], w["fc_out.bias"])
+        return token_losses(logits, targets.reshape(k, -1))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Count parameters; ``non_embedding`` leaves out the token embedding."""
