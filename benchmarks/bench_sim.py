@@ -7,7 +7,8 @@ Measured in one process, interleaved (each timing round runs every variant once;
   model on K x B sequences (forward, backward, clipping, ``torch.optim.AdamW``): the ratio's
   limit is 1.0x. Total tokens per step are kept at ``--tokens`` sequences (B = tokens / K).
 * ``demo``: a DeMo inner step (encode, all-gather, decode, sign update) of the trainer
-  against a DDP one, same workers and batch.
+  against a DDP one, same workers and batch; and the four workers' encodes one after the
+  other against one ``DeMo.encode_many``.
 * ``outer``: DiLoCo's round end (payload, exchange, outer Nesterov step, pull) against H=50
   inner steps.
 * ``scale``: peak memory of K workers of a tiny GPT, each K in its own process; bytes per
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from demo_optim import DeMo
 from diloco.models import GPT
 from diloco.workers import WorkerGroup
 
@@ -135,11 +137,19 @@ def trainer_for(*overrides: str) -> Any:
 def demo(args: argparse.Namespace, device: torch.device) -> dict:
     common = [f"device={device}", "workers.count=4", f"workers.threads={torch.get_num_threads()}"]
     ddp, dm = trainer_for("algorithm=ddp", *common), trainer_for("algorithm=demo", *common)
-    ms = interleaved({"ddp": ddp._inner_step, "demo": dm._inner_step}, args.iters, device)
-    ratio = round(ms["demo"] / ms["ddp"], 3)
+    opts = dm.group.optimizers
+    fns = {
+        "ddp": ddp._inner_step, "demo": dm._inner_step,
+        "encode_each": lambda: [o.encode() for o in opts],
+        "encode_many": lambda: DeMo.encode_many(opts),
+    }  # fmt: skip
+    ms = interleaved(fns, args.iters, device)
     return {
         "bench": "demo", "workers": 4, "ddp_step_ms": round(ms["ddp"], 2),
-        "demo_step_ms": round(ms["demo"], 2), "ratio_demo_over_ddp": ratio,
+        "demo_step_ms": round(ms["demo"], 2),
+        "ratio_demo_over_ddp": round(ms["demo"] / ms["ddp"], 3),
+        "encode_each_ms": round(ms["encode_each"], 2),
+        "encode_many_ms": round(ms["encode_many"], 2),
     }  # fmt: skip
 
 

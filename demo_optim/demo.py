@@ -307,12 +307,16 @@ class DeMo(Optimizer):
         """
         first = optimizers[0]
         layouts = [opt._get_layout() for opt in optimizers]
-        shape = [(g.chunk, g.k, g.n_chunks, g.dtype, g.alpha) for g in layouts[0].geometries]
+
+        def shape(layout: _Layout) -> list[tuple[Any, ...]]:
+            return [
+                (g.chunk, g.k, g.n_chunks, g.dtype, g.device, g.alpha, g.index_dtype)
+                for g in layout.geometries
+            ]
+
         for opt, layout in zip(optimizers, layouts, strict=True):
             wire = (opt.sign_values, opt.value_dtype)
-            if wire != (first.sign_values, first.value_dtype) or shape != [
-                (g.chunk, g.k, g.n_chunks, g.dtype, g.alpha) for g in layout.geometries
-            ]:
+            if wire != (first.sign_values, first.value_dtype) or shape(layout) != shape(layouts[0]):
                 raise ValueError("encode_many needs optimizers of one layout and wire format")
         for opt in optimizers:
             opt._local_momentum()

@@ -76,17 +76,26 @@ def torch_threads(threads: int | None) -> int:
     started here (ranks of one node, parallel tests), so that parallel runs do not
     oversubscribe the cores.
     """
-    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        threads = int(os.environ["OMP_NUM_THREADS"])
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if threads is None and omp.isdigit() and int(omp) > 0:
+        threads = int(omp)
     if threads is None:
         here = next(
             (int(os.environ[v]) for v in _PROCESSES_HERE if os.environ.get(v, "").isdigit()), 1
         )
-        threads = max(1, (os.cpu_count() or 1) // max(1, here))
-    return threads
+        threads = _cores() // max(1, here)
+    return max(1, threads)
 
 
-_PROCESSES_HERE = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "PYTEST_XDIST_WORKER_COUNT")
+def _cores() -> int:
+    """CPUs this process may run on (its affinity mask: a Slurm task's or a container's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# processes started on this machine's CPUs at once: ranks of one torchrun, parallel tests
+_PROCESSES_HERE = ("LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT")
 
 
 def build_comm(cfg: Config) -> tuple[Communicator, torch.device]:

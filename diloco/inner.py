@@ -3,7 +3,8 @@
 :class:`MatrixAdamW` and :class:`MatrixSGD` step every worker at once with the element-wise
 update of ``torch.optim.AdamW`` (Loshchilov & Hutter, arXiv 1711.05101) and ``torch.optim.SGD``
 (momentum, Nesterov, dampening, L2 weight decay), with the same operations in the same order,
-so a worker's row ends bitwise equal to a separate torch optimizer on its parameters (tested).
+so a worker's row ends bitwise equal to a separate torch optimizer on its parameters (tested
+on the CPU; on CUDA torch's unfused default is its ``foreach`` form, equal to rounding).
 Weight decay applies to the columns of the parameters in a decayed group (matrices, see
 :func:`diloco.workers.param_groups`). Each worker keeps its own step count: a worker idle this
 step (deadline sync, faults) is untouched and its bias corrections stay exact; rows that share a
@@ -139,6 +140,8 @@ class MatrixOptimizer:
             offset += p.numel()
         # one entry per param group: its hyperparameters and its merged column ranges
         self.groups: list[dict[str, Any]] = []
+        # each parameter's columns, in the probe's order (a torch state dict's indices)
+        self.param_spans = [col[id(p)] for g in probe.param_groups for p in g["params"]]
         for g in probe.param_groups:
             spans = sorted(col[id(p)] for p in g["params"])
             merged: list[list[int]] = []
@@ -177,10 +180,17 @@ class MatrixOptimizer:
 
     def step(self, active: Sequence[bool]) -> None:
         """One update of every worker that ran (rows sharing a step count as one block)."""
-        for rows, t in self._blocks(active):
-            for g in self.groups:
+        blocks = self._blocks(active)
+        for g in self.groups:
+            if g.get("fused"):
+                self._fused(g, [i for i, a in enumerate(active) if a])
+                continue
+            for rows, t in blocks:
                 for a, b in g["spans"]:
                     self._update(rows, slice(a, b), t, g)
+
+    def _fused(self, g: dict[str, Any], rows: list[int]) -> None:
+        raise NotImplementedError
 
     def _update(self, rows: slice | int, cols: slice, t: int, g: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -202,15 +212,36 @@ class MatrixOptimizer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (a loop checkpoint is refused with the key to change)."""
+        """Restore :meth:`state_dict`, or the per-worker torch state dicts of the loop form."""
         if "matrix" not in state:
-            raise ValueError(
-                "the checkpoint holds one torch optimizer per worker (written with "
-                "workers.execution=loop); resume with workers.execution=loop"
-            )
+            self._load_torch_states(state["optimizers"], state.get("steps"))
+            return
         for k, v in self._state().items():
             v.copy_(state["matrix"][k])
         self.step_count.copy_(state["steps"])
+
+    def _load_torch_states(self, states: list[dict[str, Any]], steps: list[int] | None) -> None:
+        """Rows from K torch optimizers' state dicts, each parameter's state into its columns.
+
+        A loop-form checkpoint, or one written before the matrix form existed.
+        """
+        if len(states) != self.params.shape[0]:
+            raise ValueError(
+                f"the checkpoint holds {len(states)} workers' optimizers, "
+                f"this process {len(self.params)}"
+            )
+        mine = self._state()
+        for row, sd in enumerate(states):
+            for t in mine.values():
+                t[row].zero_()
+            seen = 0
+            for index, s in sd["state"].items():
+                a, b = self.param_spans[int(index)]
+                for k, t in mine.items():
+                    if s.get(k) is not None:
+                        t[row, a:b].copy_(s[k].reshape(-1))
+                seen = max(seen, int(s.get("step", 1 if s else 0)))
+            self.step_count[row] = steps[row] if steps is not None else seen
 
 
 class MatrixAdamW(MatrixOptimizer):
@@ -224,25 +255,20 @@ class MatrixAdamW(MatrixOptimizer):
     def _state(self) -> dict[str, torch.Tensor]:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    def step(self, active: Sequence[bool]) -> None:
-        """One update of every worker that ran; ``fused=True``: torch's fused kernel."""
-        if not self.groups[0].get("fused"):
-            super().step(active)
+    def _fused(self, g: dict[str, Any], rows: list[int]) -> None:
+        """One call of torch's fused AdamW over every (worker, span) block of group ``g``."""
+        blocks = [(i, slice(a, b)) for i in rows for a, b in g["spans"]]
+        if not blocks:  # every worker here idle this step (others elsewhere run)
             return
-        self.step_count += torch.tensor(active, dtype=torch.long)
-        rows = [i for i, a in enumerate(active) if a]
-        for g in self.groups:  # one fused call per group over every (row, span) block
-            blocks = [(i, slice(a, b)) for i in rows for a, b in g["spans"]]
-            if not blocks:  # every worker here idle this step (others elsewhere run)
-                return
-            steps = [torch.tensor(float(self.step_count[i])) for i, _ in blocks]
-            beta1, beta2 = g["betas"]
-            torch._fused_adamw_(
-                [self.params[i, c] for i, c in blocks], [self.grads[i, c] for i, c in blocks],
-                [self.exp_avg[i, c] for i, c in blocks], [self.exp_avg_sq[i, c] for i, c in blocks],
-                [], steps, lr=g["lr"], beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"],
-                eps=g["eps"], amsgrad=False, maximize=False,
-            )  # fmt: skip
+        # the kernel reads each block's step on the parameters' device (CUDA: no host pointers)
+        on_device = self.step_count.to(self.params.device, torch.float32)
+        beta1, beta2 = g["betas"]
+        torch._fused_adamw_(
+            [self.params[i, c] for i, c in blocks], [self.grads[i, c] for i, c in blocks],
+            [self.exp_avg[i, c] for i, c in blocks], [self.exp_avg_sq[i, c] for i, c in blocks],
+            [], [on_device[i] for i, _ in blocks], lr=g["lr"], beta1=beta1, beta2=beta2,
+            weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False, maximize=False,
+        )  # fmt: skip
 
     def _update(self, rows: slice | int, cols: slice, t: int, g: dict[str, Any]) -> None:
         # the operations of torch.optim.adam._single_tensor_adam, in its order
@@ -290,9 +316,15 @@ _MATRIX: dict[type, tuple[type[MatrixOptimizer], dict[str, Any]]] = {
     # the options whose values the matrix form implements (others: the loop)
     torch.optim.AdamW: (
         MatrixAdamW,
-        {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False},
+        {
+            "amsgrad": False,
+            "maximize": False,
+            "capturable": False,
+            "differentiable": False,
+            "foreach": None,
+        },
     ),
-    torch.optim.SGD: (MatrixSGD, {"maximize": False, "differentiable": False}),
+    torch.optim.SGD: (MatrixSGD, {"maximize": False, "differentiable": False, "foreach": None}),
 }
 
 
@@ -303,7 +335,7 @@ def matrix_form(probe: torch.optim.Optimizer) -> type[MatrixOptimizer] | None:
         return None
     cls, required = entry
     for g in probe.param_groups:
-        if any(g.get(k, v) != v for k, v in required.items()):
+        if any(g.get(k, v) != v for k, v in required.items()) or g.get("foreach"):
             return None
         if g.get("fused") and cls is not MatrixAdamW:
             return None

@@ -203,12 +203,42 @@ def test_batched_resume_equals_uninterrupted(tmp_path):
     second.fit()
     assert torch.equal(second.group.global_param.data, whole.group.global_param.data)
     assert torch.equal(second.group.inner.exp_avg_sq, whole.group.inner.exp_avg_sq)
-    # a checkpoint of the other form is a one-line error naming the key to change
+    # the loop form cannot take the matrix's state: a one-line error naming the key to change
     other = Trainer.from_config(
         make_config(*common, "workers.execution=loop"), tmp_path / "r", corpus
     )
     with pytest.raises(ConfigError, match="workers.execution=batched"):
         other.maybe_resume()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_loop_checkpoint_resumes_batched(tmp_path, optimizer):
+    """A checkpoint of K torch optimizers (the loop form, and every checkpoint written before
+    the batched form) loads into the matrix form: the same moments and step counts."""
+    common = (
+        *GPT_TINY,
+        "workers.count=3",
+        "algorithm.inner_steps=3",
+        "train.steps=9",
+        f"optimizer={optimizer}",
+        "faults.events=[{worker: 1, round: 1, kind: crash}, {worker: 1, round: 2, kind: rejoin}]",
+    )
+    if optimizer == "sgd":
+        common += ("optimizer.momentum=0.9",)  # fmt: skip
+    corpus = synthetic_corpus()
+    loop = Trainer.from_config(make_config(*common, "workers.execution=loop"), tmp_path, corpus)
+    loop.fit()
+    batched = Trainer.from_config(make_config(*common), tmp_path / "b", corpus)
+    batched.load_state_dict(loop.state_dict())
+    assert batched.group.inner.steps == loop.group.inner.steps
+    assert 0 < loop.group.inner.steps[1] < 9  # the crashed worker restarted its count
+    for name, matrix in batched.group.inner._state().items():
+        for row, opt in enumerate(loop.group.optimizers):
+            flat = torch.cat([opt.state[p][name].reshape(-1) for g in opt.param_groups
+                              for p in g["params"]])  # fmt: skip
+            spans = batched.group.inner.param_spans
+            got = torch.cat([matrix[row, a:b] for a, b in spans])
+            assert torch.equal(got, flat), (name, row)
 
 
 def test_batched_needs_a_model_with_a_batched_forward(tmp_path):
@@ -222,14 +252,18 @@ def test_batched_needs_a_model_with_a_batched_forward(tmp_path):
 
 
 def test_torch_threads_share_the_cores(monkeypatch):
-    for var in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE",
-                "PYTEST_XDIST_WORKER_COUNT"):  # fmt: skip
+    for var in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))  # 16 of the node
     assert torch_threads(None) == 16
     assert torch_threads(3) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert torch_threads(None) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a count: ignored
+    assert torch_threads(None) == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert torch_threads(None) == 2
     assert torch_threads(5) == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # more processes than cores: one each
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert torch_threads(None) == 1
