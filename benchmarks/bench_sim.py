@@ -99,12 +99,12 @@ def inner(args: argparse.Namespace, model_name: str, k: int, device: torch.devic
     for mode in args.modes:
         if mode == "loop" and k > args.loop_max_k:
             continue
-        group = WorkerGroup(gpt(), range(k), opt, mode)
+        precision = "bf16" if args.dtype == "bf16" else "fp32"  # workers.precision
+        group = WorkerGroup(gpt(), range(k), opt, mode, precision)
         groups[mode] = group
 
         def step(group: WorkerGroup = group) -> None:
-            with autocast:
-                group.forward_backward([(x[i], x[i]) for i in range(k)])
+            group.forward_backward([(x[i], x[i]) for i in range(k)])
             group.clip_grads(1.0)
             group.optimizer_step(1.0)
 

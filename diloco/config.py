@@ -66,6 +66,7 @@ class WorkersConfig:
     speeds: list[float] | None = field(default=None, metadata={"gt": 0.0})
     bandwidth_factors: list[float] | None = field(default=None, metadata={"gt": 0.0})
     execution: Literal["auto", "loop", "batched"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = field(default=None, metadata=_ge(1))
 
 

@@ -79,6 +79,8 @@ class WorkerGroup:
         worker_ids: global ids of the workers hosted here.
         optimizer: builds an inner optimizer from parameter groups.
         execution: ``auto``, ``loop`` or ``batched`` (see the module docstring).
+        precision: ``fp32``, or ``bf16``: the inner forward and backward under bf16 autocast
+            (the worker matrix, gradients and optimizer state stay fp32).
 
     Raises:
         ExecutionError: ``batched`` for a model without ``batched_loss``.
@@ -90,6 +92,7 @@ class WorkerGroup:
         worker_ids: Sequence[int],
         optimizer: OptimizerFactory,
         execution: Execution = "auto",
+        precision: str = "fp32",
     ) -> None:
         self.worker_ids = list(worker_ids)
         params = list(model.parameters())
@@ -99,6 +102,7 @@ class WorkerGroup:
         init = torch.cat([p.detach().reshape(-1) for p in params])
         k = len(self.worker_ids)
         self.batched = resolve_execution(model, k, execution)
+        self.bf16 = precision == "bf16"  # autocast of the inner forward and backward
         self.replicas = [copy.deepcopy(model) for _ in range(1 if self.batched else k)]
         self.global_model = model
         self.global_param = nn.Parameter(init.clone())
@@ -161,6 +165,11 @@ class WorkerGroup:
         if not any(self.active):  # every worker here sits out this step (others may run)
             self.grads.zero_()
             return torch.zeros(0, device=self.params.device)
+        kind = self.params.device.type
+        with torch.autocast(kind, torch.bfloat16, enabled=self.bf16):
+            return self._forward_backward(batches)
+
+    def _forward_backward(self, batches: Sequence[Batch | None]) -> torch.Tensor:
         if self.batched:
             return self._forward_backward_batched([b for b in batches if b is not None])
         self.grads.zero_()
@@ -169,7 +178,7 @@ class WorkerGroup:
             if batch is not None:
                 _, loss = replica(*batch)
                 loss.backward()
-                losses.append(loss.detach())
+                losses.append(loss.detach().float())
         return torch.stack(losses)
 
     def _forward_backward_batched(self, batches: list[Batch]) -> torch.Tensor:
@@ -195,7 +204,7 @@ class WorkerGroup:
                 g.copy_(grad)
             else:
                 g.index_copy_(0, index, grad)
-        return losses.detach()
+        return losses.detach().float()
 
     def clip_grads(self, max_norm: float) -> torch.Tensor:
         """Clip each worker's whole gradient to ``max_norm`` (0: no clipping); returns norms.

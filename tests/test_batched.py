@@ -267,3 +267,27 @@ def test_torch_threads_share_the_cores(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # more processes than cores: one each
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert torch_threads(None) == 1
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+    """``workers.precision=bf16``: the forward and backward under bf16 autocast (CPU here, as
+    on CUDA), the matrix, gradients and optimizer state fp32; losses near fp32's, batched
+    near loop, and training still lowers the loss."""
+    torch.manual_seed(0)
+    model = GPT(300, 16, n_layer=2, n_head=2, n_embd=32)
+    opt = partial(torch.optim.AdamW, lr=1e-3)
+    batches = [(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)))] * 3
+    ref = WorkerGroup(copy.deepcopy(model), range(3), opt, "batched")
+    exact = ref.forward_backward(batches)
+    for execution in ("batched", "loop"):
+        low = WorkerGroup(copy.deepcopy(model), range(3), opt, execution, "bf16")
+        losses = low.forward_backward(batches)
+        assert losses.dtype == torch.float32 and low.grads.dtype == torch.float32
+        torch.testing.assert_close(losses, exact, atol=2e-2, rtol=0)
+        cos = torch.nn.functional.cosine_similarity(low.grads, ref.grads, dim=1)
+        assert (cos > 0.99).all(), cos
+    cfg = make_config(*GPT_TINY, "workers.count=2", "algorithm.inner_steps=5",
+                      "train.steps=60", "workers.precision=bf16")  # fmt: skip
+    trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
+    start = trainer.evaluate()
+    assert trainer.fit()["final_eval_loss"] < start - 1.0

@@ -22,11 +22,19 @@ from torch import Tensor
 
 
 class BatchedLinear(torch.autograd.Function):
-    """``y[k] = x[k] @ w[k].T`` for ``x [K, N, in]`` and ``w [K, out, in]`` (no bias)."""
+    """``y[k] = x[k] @ w[k].T`` for ``x [K, N, in]`` and ``w [K, out, in]`` (no bias).
+
+    Under autocast both products run in the autocast dtype (bf16), forward and backward;
+    autograd returns the weight gradient in the weight's fp32.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor) -> Tensor:
         """One ``bmm`` over the replicas."""
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):
+            low = torch.get_autocast_dtype(kind)
+            x, w = x.to(low), w.to(low)
         ctx.save_for_backward(x, w)
         return torch.bmm(x, w.transpose(1, 2))
 
@@ -34,6 +42,7 @@ class BatchedLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
         """``dx = g @ w``, ``dw = g.T @ x``: both contiguous in their own layout."""
         x, w = ctx.saved_tensors
+        grad = grad.to(x.dtype)
         return torch.bmm(grad, w), torch.bmm(grad.transpose(1, 2), x)
 
 
