@@ -100,7 +100,8 @@ def inner(args: argparse.Namespace, model_name: str, k: int, device: torch.devic
         if mode == "loop" and k > args.loop_max_k:
             continue
         precision = "bf16" if args.dtype == "bf16" else "fp32"  # workers.precision
-        group = WorkerGroup(gpt(), range(k), opt, mode, precision)
+        compiled = args.compile and mode == "batched"  # workers.compile
+        group = WorkerGroup(gpt(), range(k), opt, mode, precision, compiled)
         groups[mode] = group
 
         def step(group: WorkerGroup = group) -> None:
@@ -218,6 +219,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--fused", type=int, default=1, help="AdamW's fused kernel (1: as conf/)")
+    p.add_argument("--compile", action="store_true", help="workers.compile for batched")
     p.add_argument("--only", nargs="+", default=["inner", "demo", "outer", "scale"])
     p.add_argument("--scale-ks", nargs="+", type=int, default=[32, 64, 128, 256])
     p.add_argument("--scale-one", type=int, default=0, help=argparse.SUPPRESS)

@@ -118,7 +118,7 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
     try:
         group = WorkerGroup(
             model.to(device), comm.local_ids, build_optimizer(cfg.optimizer, "optimizer"),
-            cfg.workers.execution, cfg.workers.precision,
+            cfg.workers.execution, cfg.workers.precision, cfg.workers.compile,
         )  # fmt: skip
     except ExecutionError as err:
         raise ConfigError(f"workers.execution={cfg.workers.execution}", str(err)) from None

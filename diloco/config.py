@@ -67,6 +67,7 @@ class WorkersConfig:
     bandwidth_factors: list[float] | None = field(default=None, metadata={"gt": 0.0})
     execution: Literal["auto", "loop", "batched"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
     threads: int | None = field(default=None, metadata=_ge(1))
 
 

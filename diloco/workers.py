@@ -81,6 +81,7 @@ class WorkerGroup:
         execution: ``auto``, ``loop`` or ``batched`` (see the module docstring).
         precision: ``fp32``, or ``bf16``: the inner forward and backward under bf16 autocast
             (the worker matrix, gradients and optimizer state stay fp32).
+        compile: ``torch.compile`` the batched forward and backward (batched only).
 
     Raises:
         ExecutionError: ``batched`` for a model without ``batched_loss``.
@@ -93,6 +94,7 @@ class WorkerGroup:
         optimizer: OptimizerFactory,
         execution: Execution = "auto",
         precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         self.worker_ids = list(worker_ids)
         params = list(model.parameters())
@@ -103,6 +105,10 @@ class WorkerGroup:
         k = len(self.worker_ids)
         self.batched = resolve_execution(model, k, execution)
         self.bf16 = precision == "bf16"  # autocast of the inner forward and backward
+        if compile and not self.batched:
+            raise ExecutionError(
+                "workers.compile=true compiles the batched step: use batched or auto"
+            )
         self.replicas = [copy.deepcopy(model) for _ in range(1 if self.batched else k)]
         self.global_model = model
         self.global_param = nn.Parameter(init.clone())
@@ -114,6 +120,8 @@ class WorkerGroup:
         for i, replica in enumerate(self.replicas):
             _bind(replica, self.params[i], self.grads[i])
         self.inner: Any = self._inner_optimizers(optimizer)
+        loss = getattr(self.replicas[0], "batched_loss", None)
+        self._batched_loss: Any = torch.compile(loss) if compile else loss
         self.active = [True] * k  # which workers ran the current step
         self.grad_norms = torch.zeros(k)  # each worker's gradient norm before clipping
         self.anchors: torch.Tensor | None = None  # per-worker pulled models (track_origins)
@@ -192,8 +200,8 @@ class WorkerGroup:
         }
         idx = torch.stack([x for x, _ in batches])
         targets = torch.stack([y for _, y in batches])
-        model = self.replicas[0]
-        losses = model.batched_loss(leaves, idx, targets)  # type: ignore[operator]
+        assert self._batched_loss is not None
+        losses: torch.Tensor = self._batched_loss(leaves, idx, targets)
         losses.sum().backward()
         if not every:
             self.grads.zero_()

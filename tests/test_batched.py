@@ -291,3 +291,19 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
     trainer = Trainer.from_config(cfg, tmp_path, synthetic_corpus())
     start = trainer.evaluate()
     assert trainer.fit()["final_eval_loss"] < start - 1.0
+
+
+def test_compiled_batched_step_equals_the_eager_one(tmp_path):
+    """``workers.compile=true``: torch.compile of the batched forward and backward (inductor
+    on the CPU here); a short run ends where the eager one does (fp32 rounding), and the
+    loop path refuses it in one line."""
+    common = (*GPT_TINY, "workers.count=2", "algorithm.inner_steps=3", "train.steps=6")
+    eager, se = fit(tmp_path, "eager", *common)
+    compiled, sc = fit(tmp_path, "compiled", *common, "workers.compile=true")
+    torch.testing.assert_close(
+        compiled.group.global_param.data, eager.group.global_param.data, atol=1e-5, rtol=0
+    )
+    assert abs(sc["final_eval_loss"] - se["final_eval_loss"]) < 1e-5
+    cfg = make_config(*common, "workers.compile=true", "workers.execution=loop")
+    with pytest.raises(ConfigError, match="workers.compile=true compiles the batched step"):
+        Trainer.from_config(cfg, tmp_path / "loop", synthetic_corpus())
