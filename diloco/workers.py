@@ -103,7 +103,7 @@ class WorkerGroup:
         self.num_params = sum(p.numel() for p in params)
         init = torch.cat([p.detach().reshape(-1) for p in params])
         k = len(self.worker_ids)
-        self.batched = resolve_execution(model, k, execution)
+        self.batched = resolve_execution(model, execution)
         self.bf16 = precision == "bf16"  # autocast of the inner forward and backward
         if compile and not self.batched:
             raise ExecutionError(
@@ -282,8 +282,8 @@ class ExecutionError(ValueError):
     """The model cannot run the requested ``workers.execution``."""
 
 
-def resolve_execution(model: nn.Module, k: int, execution: Execution) -> bool:
-    """Whether ``workers.execution`` batches the replicas of ``model`` (``k`` in this process)."""
+def resolve_execution(model: nn.Module, execution: Execution) -> bool:
+    """Whether ``workers.execution`` batches the replicas of ``model`` (any number of them)."""
     able = callable(getattr(model, "batched_loss", None))
     if execution == "batched" and not able:
         raise ExecutionError(
