@@ -121,7 +121,8 @@ def check_groups(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         if not match or not (conf_dir / match[1]).is_dir():
             continue
         group, value = match[1], match[2]
-        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        root = conf_dir / group
+        options = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
         for choice in value.split(","):
             if choice and choice != "null" and choice not in options:
                 raise ConfigError(f"{group}={choice}", f"unknown; allowed: {', '.join(options)}")
