@@ -284,7 +284,11 @@ and ``torch.optim`` optimizers the constructor). ``validator`` may be null (none
 
 
 def parse(node: dict[str, Any]) -> Config:
-    """Validate a resolved config (a plain dict) into :class:`Config`."""
+    """Validate a resolved config (a plain dict) into :class:`Config`.
+
+    The inner optimizer is built once on a dummy parameter (:func:`build_optimizer`), so that
+    its bad values fail here, before any data loads.
+    """
     node = {k: v for k, v in node.items() if k != "hydra"}
     cfg = from_dict(Config, node)
     for key in PLUGINS:
@@ -296,6 +300,7 @@ def parse(node: dict[str, Any]) -> Config:
         config_cls = getattr(import_target(plugin, key), "Config", None)
         if isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls):
             from_dict(config_cls, plugin, key)
+    build_optimizer(cfg.optimizer, "optimizer")
     return cfg
 
 

@@ -36,11 +36,23 @@ OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on matrices (>= 2-D), none on vectors (biases, norms), as in GPT-2."""
+    """Weight decay on matrices (>= 2-D), none on vectors (biases, norms), as in GPT-2.
+
+    The decayed group also marks its hidden matrices, one bool per tensor under ``"hidden"``,
+    for optimizers that treat them apart (:class:`diloco.muon.MuonAdamW`; torch's optimizers
+    keep the key and ignore it). A hidden matrix is a 2-D parameter that is neither the table
+    of an ``nn.Embedding`` (GPT's token and position tables; its tied head is the token
+    table) nor the weight of the model's last ``nn.Linear`` (taken for its output head:
+    GPT's untied ``lm_head``, TinyMLP's ``fc_out``), in any ``nn.Module``.
+    """
     params = list(model.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups: list[dict[str, Any]] = [{"params": decay}]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    ends = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    ends |= {id(linears[-1].weight)} if linears else set()
+    hidden = [p.dim() == 2 and id(p) not in ends for p in decay]
+    groups: list[dict[str, Any]] = [{"params": decay, "hidden": hidden}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups

@@ -12,8 +12,9 @@ Two ways to run the inner steps (``workers.execution``):
   ``batched_loss(weights, idx, targets)`` (the built-in models have one: every layer is one
   ``bmm`` over the replicas; see :mod:`diloco.models.batched`), with the weights as strided
   views of the matrix rows, and the inner optimizer as one update of the matrix
-  (:mod:`diloco.inner`; AdamW and SGD, bitwise equal to K torch optimizers). A worker costs
-  about what its tokens cost one model, for any K.
+  (:mod:`diloco.inner`; AdamW and SGD, bitwise equal to K torch optimizers; any other, such
+  as DeMo or Muon, one torch optimizer per worker on its row's views). A worker costs about
+  what its tokens cost one model, for any K.
 * ``loop``: a Python loop over the replicas, each with its own forward, backward and torch
   optimizer; works for any ``nn.Module`` whose ``forward(idx, targets)`` returns
   ``(logits, loss)`` and any optimizer.
