@@ -83,7 +83,9 @@ class StreamingDiLoCo(AlgorithmBase):
 
     payload_kind = "fragment"
 
-    def __init__(self, cfg: Config, group: WorkerGroup) -> None:
+    @staticmethod
+    def schedule(cfg: Config) -> tuple[int, int, int]:
+        """``(round length H/P, fragments P, overlap tau)``, after checking ``H % P`` and tau."""
         h, p = cfg.inner_steps, cfg.fragments
         if h % p:
             raise ConfigError(f"algorithm.fragments={p}", f"must divide algorithm.inner_steps={h}")
@@ -92,12 +94,13 @@ class StreamingDiLoCo(AlgorithmBase):
                 f"algorithm.tau={cfg.tau}",
                 f"must be < algorithm.inner_steps={h} (merge before the fragment's next sync)",
             )
+        return h // p, p, cfg.tau
+
+    def __init__(self, cfg: Config, group: WorkerGroup) -> None:
         self.name = cfg.name
-        self.inner_steps = h // p
-        self.fragments = p
-        self.tau = cfg.tau
+        self.inner_steps, self.fragments, self.tau = self.schedule(cfg)
         self.alpha = cfg.alpha
-        self.indices = fragment_indices(group.global_model, p)
+        self.indices = fragment_indices(group.global_model, self.fragments)
         factory = build_optimizer(cfg.outer_optimizer, "algorithm.outer_optimizer")
         self.outer_params: list[nn.Parameter] = []
         self.outers: list[torch.optim.Optimizer] = []

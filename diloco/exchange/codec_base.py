@@ -34,6 +34,16 @@ def nbytes_per_worker(enc: Encoded) -> int:
     return sum(t.numel() * t.element_size() for t in parts) // max(enc.shape[0], 1)
 
 
+def wire_nbytes(codec: Codec, p: int) -> int:
+    """Bytes one worker sends for a payload row of ``p`` entries, at any ``p``.
+
+    The codec's own :meth:`Codec.encode` of a row on the meta device (shapes and dtypes, no
+    memory, no arithmetic), counted by :func:`nbytes_per_worker`: the bytes the exchange
+    charges for a real row of that length, padding and bit packing included.
+    """
+    return nbytes_per_worker(codec.encode(torch.empty(1, p, device="meta")))
+
+
 def _rows(rows: Tensor) -> Tensor:
     if rows.dim() != 2:
         raise ValueError(f"codecs take payload rows [n, P], got shape {tuple(rows.shape)}")

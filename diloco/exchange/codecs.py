@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diloco.config import ConfigError, build
-from diloco.exchange.codec_base import Codec, Encoded, _rows, nbytes_per_worker
+from diloco.exchange.codec_base import Codec, Encoded, _rows, nbytes_per_worker, wire_nbytes
 from diloco.exchange.sparse import (
     DCTTopK,
     RandK,
@@ -67,6 +67,7 @@ __all__ = [
     "nbytes_per_worker",
     "pack_bits",
     "unpack_bits",
+    "wire_nbytes",
 ]
 
 
@@ -149,7 +150,7 @@ class Int8(Codec):
         blocks = F.pad(x, (0, nb * self.block - p)).view(n, nb, self.block)
         scales = self._scales(blocks.abs().amax(-1))
         v = blocks / scales.float().clamp(min=torch.finfo(torch.float32).tiny)[..., None]
-        if self.stochastic:
+        if self.stochastic and not v.is_meta:  # a meta row (wire size only) draws nothing
             v = torch.floor(v + torch.rand(v.shape, generator=self.gen).to(v.device))
         q = v.round().clamp(-self.qmax, self.qmax).view(n, -1)[:, :p]
         return Encoded((n, p), self._pack(q.to(torch.int64)), scales=scales)

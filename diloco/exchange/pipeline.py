@@ -59,6 +59,16 @@ def gather_encoded(comm: Communicator, enc: Encoded, nbytes: float) -> Encoded:
     return Encoded((comm.num_workers, enc.shape[1]), **dict(zip(names, parts, strict=True)))
 
 
+def all_reduces(codec: Codec, plain: bool) -> bool:
+    """Whether an exchange is one all-reduce (else an all-gather of the encoded tensors).
+
+    All-reduce when the result is a ``plain`` mean (no attack, validator or robust aggregator)
+    of a payload a ring can sum at its encoded width (``codec.ring_summable``). The planner
+    (:mod:`diloco.plan`) charges the same collective.
+    """
+    return plain and codec.ring_summable
+
+
 def _push_encoded(comm: Communicator, enc: Encoded, senders: Sequence[int]) -> Encoded:
     """Push an encoding of the ``senders``' rows to the server; it answers with fp32 models."""
     names = [n for n in ("values", "indices", "scales") if getattr(enc, n) is not None]
@@ -198,7 +208,7 @@ class ExchangePipeline:
             enc = codec.encode(rows)
         nbytes = enc.nbytes_per_worker()
         plain = attack is None and self.validator is None and self.plain_mean
-        if plain and codec.ring_summable:
+        if all_reduces(codec, plain):
             sent = codec.decode(enc)
             if weights is not None:  # the weighted mean as a mean of rescaled rows
                 scale = weights * len(weights) / weights.sum()
@@ -276,4 +286,4 @@ class ExchangePipeline:
             self.validator.load_state_dict(state["validator"])
 
 
-__all__ = ["ExchangePipeline", "ExchangeStats", "gather_encoded"]
+__all__ = ["ExchangePipeline", "ExchangeStats", "all_reduces", "gather_encoded"]
