@@ -122,7 +122,9 @@ def check_groups(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
             continue
         group, value = match[1], match[2]
         root = conf_dir / group
-        options = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+        options = sorted(
+            p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")
+        )
         for choice in value.split(","):
             if choice and choice != "null" and choice not in options:
                 raise ConfigError(f"{group}={choice}", f"unknown; allowed: {', '.join(options)}")

@@ -25,6 +25,7 @@ from typing import Any
 SEEDS = (0, 1, 2)
 TUNE_SEED = 100  # tuning runs use a seed that no reported run uses
 
+DEMO_LR = [1e-3, 2e-3, 4e-3, 8e-3]  # DeMo steps by the sign: rates like signSGD's
 INNER_LR = [3e-3, 6e-3, 1.2e-2, 2.4e-2]
 DILOCO_GRID = {"optimizer.lr": [3e-3, 1e-2], "algorithm.outer_optimizer.lr": [0.4, 0.8]}
 OUTER_ADAM = [
@@ -88,10 +89,12 @@ class Stats:
 
     @property
     def mean(self) -> float:
+        """Mean final eval loss over the seeds."""
         return statistics.fmean(self.losses)
 
     @property
     def std(self) -> float:
+        """Sample standard deviation over the seeds."""
         return statistics.stdev(self.losses) if len(self.losses) > 1 else 0.0
 
     def __str__(self) -> str:
@@ -107,7 +110,7 @@ def paired(a: Stats, b: Stats) -> tuple[float, float]:
 
 
 def beats(a: Stats, b: Stats) -> str:
-    """"yes" if ``a`` is lower than ``b`` beyond 2 standard errors, "no" if higher, else "tie"."""
+    """``yes``: ``a`` lower than ``b`` beyond 2 standard errors; ``no``: higher; else ``tie``."""
     mean, se = paired(a, b)
     if mean < -2 * se:
         return "yes"
@@ -198,7 +201,9 @@ def _streaming(s: dict[str, Stats]) -> Verdict:
     peak = s["diloco"].peak_bytes / s["streaming"].peak_bytes if s["streaming"].peak_bytes else 0
     ok = [g <= 0.01, same_bytes, peak >= 1.99]
     verdict = "reproduced" if all(ok) else "partly" if any(ok) else "not reproduced"
-    return verdict, f"gap {g:+.2%}, bytes equal: {same_bytes}, peak bytes per sync {peak:.2f}x lower"
+    return verdict, (
+        f"gap {g:+.2%}, bytes equal: {same_bytes}, peak bytes per sync {peak:.2f}x lower"
+    )
 
 
 def _demo(s: dict[str, Stats]) -> Verdict:
@@ -262,21 +267,29 @@ ROBUST_RULES = {
 def _robust_arms() -> list[Arm]:
     arms = [
         _grid_arm("honest", ["attack.num_byzantine=0"], size="S"),
-        Arm("honest, update halved", ("attack.num_byzantine=0",), "S", tune_from="honest",
-            outer_lr_factor=0.5),
+        Arm(
+            "honest, update halved",
+            ("attack.num_byzantine=0",),
+            "S",
+            tune_from="honest",
+            outer_lr_factor=0.5,
+        ),
     ]
     for attack in ("alie", "ipm"):
         for rule, override in ROBUST_RULES.items():
-            arms.append(Arm(f"{attack} / {rule}", (f"attack={attack}", override), "S",
-                            tune_from="honest"))
-    arms.append(Arm("sign_flip / mean", ("attack=sign_flip", "aggregator=mean"), "S",
-                    tune_from="honest"))
+            arms.append(
+                Arm(f"{attack} / {rule}", (f"attack={attack}", override), "S", tune_from="honest")
+            )
+    arms.append(
+        Arm("sign_flip / mean", ("attack=sign_flip", "aggregator=mean"), "S", tune_from="honest")
+    )
     return arms
 
 
 CLAIMS = [
     Claim(
-        "ddp_gap", "ddp_gap",
+        "ddp_gap",
+        "ddp_gap",
         "DiLoCo scaling laws (Charles et al. 2025, arXiv 2503.09799), Fig. 2 and Table 4",
         "K=4 DiLoCo (H >= 30) is within a few percent of DDP at equal tokens, and the gap "
         "shrinks as the model grows.",
@@ -290,20 +303,25 @@ CLAIMS = [
         _ddp_gap,
     ),
     Claim(
-        "outer_optimizer", "outer_optimizer",
+        "outer_optimizer",
+        "outer_optimizer",
         "DiLoCo (Douillard et al. 2023, arXiv 2311.08105), Fig. 4 (outer optimizers)",
         "Outer Nesterov momentum beats plain averaging (FedAvg: outer SGD, lr 1) and outer Adam.",
         "reproduced if Nesterov beats both beyond 2 standard errors of the paired difference",
         [
             DILOCO,
             Arm("fedavg", ("algorithm=fedavg",), grid={"optimizer.lr": INNER_LR}),
-            Arm("outer adam", tuple(OUTER_ADAM),
-                grid={"optimizer.lr": [3e-3, 1e-2], "algorithm.outer_optimizer.lr": [0.01, 0.04]}),
+            Arm(
+                "outer adam",
+                tuple(OUTER_ADAM),
+                grid={"optimizer.lr": [3e-3, 1e-2], "algorithm.outer_optimizer.lr": [0.01, 0.04]},
+            ),
         ],
         _beats_verdict("diloco", ["fedavg", "outer adam"]),
     ),
     Claim(
-        "h_forgiving", "h_forgiving",
+        "h_forgiving",
+        "h_forgiving",
         "DiLoCo (arXiv 2311.08105), Fig. 5 (communication frequency): H=1000 +2.9% over H=50",
         "The final loss changes by only a few percent between H=10 and H=200 at equal tokens.",
         "reproduced if every H in 10..200 ends within 5% of H=30 (partly: within 10%)",
@@ -316,7 +334,8 @@ CLAIMS = [
         _h_forgiving,
     ),
     Claim(
-        "snoo", "snoo",
+        "snoo",
+        "snoo",
         "SNOO (arXiv 2510.15830), Fig. 1; DiLoCo scaling laws (arXiv 2503.09799), Sec. 5: M=1",
         "One worker with DiLoCo's outer Nesterov step beats plain AdamW at equal tokens.",
         "reproduced if DiLoCo M=1 beats AdamW beyond 2 standard errors",
@@ -327,7 +346,8 @@ CLAIMS = [
         _beats_verdict("diloco M=1", ["adamw"]),
     ),
     Claim(
-        "quantized", "quantized",
+        "quantized",
+        "quantized",
         "INTELLECT-1 (arXiv 2412.01152), Sec. 2.3 (int8 all-reduce); Streaming DiLoCo "
         "(arXiv 2501.18512), Fig. 8 (4-bit outer gradients)",
         "Pseudo-gradients quantized to int8 or 4 bits train as well as fp32.",
@@ -340,7 +360,8 @@ CLAIMS = [
         _matches("fp32", 0.01),
     ),
     Claim(
-        "streaming", "streaming",
+        "streaming",
+        "streaming",
         "Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512), Table 2 and Fig. 6",
         "Streaming DiLoCo matches DiLoCo at the same bytes with P times lower peak bandwidth.",
         "reproduced if within 1% of DiLoCo, with equal bytes and >= 2x lower peak bytes per sync",
@@ -348,27 +369,33 @@ CLAIMS = [
         _streaming,
     ),
     Claim(
-        "demo", "demo",
+        "demo",
+        "demo",
         "DeMo (Peng et al. 2024, arXiv 2411.19870), Fig. 2 and Table 1",
         "DeMo matches AdamW-DDP at >= 20x fewer bytes.",
         "reproduced if within 3% of tuned DDP at >= 20x fewer bytes",
-        [DDP, Arm("demo", ("algorithm=demo", NO_H), grid={"optimizer.lr": [1e-3, 2e-3, 4e-3, 8e-3]})],
+        [DDP, Arm("demo", ("algorithm=demo", NO_H), grid={"optimizer.lr": DEMO_LR})],
         _demo,
     ),
     Claim(
-        "sparseloco", "sparseloco",
+        "sparseloco",
+        "sparseloco",
         "SparseLoCo (Sarfi et al. 2025, arXiv 2508.15706), Table 1",
         "SparseLoCo (1-3% density, 2-bit values) matches or beats DiLoCo.",
         "reproduced if within 1% of DiLoCo (partly: within 5%)",
         [
             DILOCO,
-            Arm("sparseloco", ("algorithm=sparseloco",),
-                grid={"optimizer.lr": [3e-3, 1e-2], "algorithm.outer_optimizer.lr": [1.0, 2.0]}),
+            Arm(
+                "sparseloco",
+                ("algorithm=sparseloco",),
+                grid={"optimizer.lr": [3e-3, 1e-2], "algorithm.outer_optimizer.lr": [1.0, 2.0]},
+            ),
         ],
         _sparseloco,
     ),
     Claim(
-        "robustness", "robustness",
+        "robustness",
+        "robustness",
         "Karimireddy, He, Jaggi 2022 (arXiv 2012.10333), Table 2; Allouah et al. 2023 "
         "(arXiv 2302.01772), NNM",
         "With a tuned honest baseline, ALIE and IPM at f=2 of 8 degrade the mean, the "
@@ -381,7 +408,8 @@ CLAIMS = [
         _robust,
     ),
     Claim(
-        "replicas", "replicas",
+        "replicas",
+        "replicas",
         "DiLoCo (arXiv 2311.08105), Table 3 (number of replicas)",
         "More replicas at a fixed per-worker batch help, monotonically (1, 4, 8, 16).",
         "reproduced if the mean final loss falls strictly from K=1 to 4, 8 and 16",
@@ -394,17 +422,50 @@ CLAIMS = [
         _replicas,
     ),
     Claim(
-        "async_staleness", "async_staleness",
+        "async_staleness",
+        "async_staleness",
         "FedAsync (Xie et al. 2019, arXiv 1903.03934), Fig. 2 (staleness functions)",
         "Staleness-weighted asynchronous updates beat unweighted ones with a 4x straggler.",
         "reproduced if the weighted arm beats the unweighted one beyond 2 standard errors",
         [
-            Arm("weighted a=0.5", ("sync.staleness_exponent=0.5",), "S",
-                {"optimizer.lr": INNER_LR}),
+            Arm(
+                "weighted a=0.5", ("sync.staleness_exponent=0.5",), "S", {"optimizer.lr": INNER_LR}
+            ),
             Arm("unweighted", ("sync.staleness_exponent=0.0",), "S", {"optimizer.lr": INNER_LR}),
         ],
         _beats_verdict("weighted a=0.5", ["unweighted"]),
     ),
 ]
+
+CLAIMS.append(
+    Claim(
+        "muloco",
+        "muloco",
+        "MuLoCo (Thérien et al. 2025, arXiv 2505.23725), Table 1 and Fig. 3 (quantization)",
+        "Muon as the inner optimizer beats AdamW-inner DiLoCo and tolerates low-bit "
+        "pseudo-gradients.",
+        "reproduced if Muon-DiLoCo beats AdamW-DiLoCo beyond 2 se and Muon with 4-bit "
+        "pseudo-gradients ends within 1% of Muon fp32 (our lowest dense codec is 4-bit, the "
+        "paper goes to 2)",
+        [
+            DILOCO,
+            Arm("muon", ("optimizer=muon",), grid=dict(DILOCO_GRID)),
+            Arm("muon int4", ("optimizer=muon", "codec=int4"), tune_from="muon"),
+        ],
+        lambda s: _muloco(s),
+    )
+)
+
+
+def _muloco(s: dict[str, Stats]) -> Verdict:
+    better = beats(s["muon"], s["diloco"])
+    g = gap(s["muon int4"], s["muon"])
+    ok = [better == "yes", g <= 0.01]
+    verdict = "reproduced" if all(ok) else "partly" if any(ok) else "not reproduced"
+    if better == "no" and g > 0.01:
+        verdict = "reversed"
+    diff = paired(s["muon"], s["diloco"])[0]
+    return verdict, f"muon - adamw: {diff:+.4f} ({better}); int4 {g:+.2%} vs muon fp32"
+
 
 BY_NAME = {c.name: c for c in CLAIMS}

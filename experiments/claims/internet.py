@@ -27,16 +27,21 @@ def _value(metric: str, v: float) -> str:
     return f"{v:.1%}" if metric == "utilization" else f"{v:.0f} s"
 
 
-def main() -> None:
-    """Print the rows as a markdown table."""
-    print("| run | metric | reported | predicted | criterion | holds |")
-    print("|---|---|---|---|---|---|")
-    for r in rows():
+def table(found: list[dict[str, Any]] | None = None) -> str:
+    """The rows as a markdown table."""
+    lines = ["| run | metric | reported | predicted | criterion | holds |", "|---|" * 6]
+    for r in rows() if found is None else found:
         m = r["metric"]
-        print(
+        lines.append(
             f"| {r['name']} | {m} | {_value(m, r['reported'])} | {_value(m, r['predicted'])} "
             f"| {r['criterion']} | {'yes' if r['holds'] else 'no'} |"
         )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Print the rows as a markdown table."""
+    print(table())
 
 
 if __name__ == "__main__":

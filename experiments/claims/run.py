@@ -67,8 +67,6 @@ class Suite:
     def __init__(
         self, scale: str, results: Path, run_root: Path, threads: int, in_process: bool = False
     ) -> None:
-        from hydra import compose, initialize_config_dir
-
         self.scale, self.threads, self.run_root = scale, threads, run_root
         self.in_process = in_process
         # the debug scale checks the pipeline, not the claims: two seeds, two grid points
@@ -76,14 +74,12 @@ class Suite:
         self.max_points = 2 if scale == "debug" else None
         self.records_path = results / "claims_runs.jsonl"
         self.records: dict[str, dict[str, Any]] = {}
+        self._jobs: dict[tuple[str, tuple[str, ...], int], Job] = {}
         if self.records_path.exists():
             for line in self.records_path.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
                     self.records[rec["key"]] = rec
-        self._init = initialize_config_dir(str(ROOT / "conf"), version_base="1.3")
-        self._init.__enter__()
-        self._compose = compose
 
     def arm_overrides(self, claim: Claim, arm: Arm, point: dict[str, Any], seed: int) -> list[str]:
         """Every override of one run of ``arm`` at grid ``point``, in order."""
@@ -100,8 +96,17 @@ class Suite:
         ]
 
     def job(self, claim: Claim, overrides: list[str], seed: int) -> Job:
-        """Compose the run's config to key it by what it computes."""
-        cfg = self._compose("config", [f"experiment=claims/{claim.regime}", *overrides])
+        """Compose the run's config to key it by what it computes (once per distinct run)."""
+        memo = (claim.regime, tuple(overrides), seed)
+        if memo not in self._jobs:
+            self._jobs[memo] = self._compose_job(claim, overrides, seed)
+        return self._jobs[memo]
+
+    def _compose_job(self, claim: Claim, overrides: list[str], seed: int) -> Job:
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", [f"experiment=claims/{claim.regime}", *overrides])
         from omegaconf import OmegaConf
 
         node = OmegaConf.to_container(cfg, resolve=True)
@@ -115,6 +120,7 @@ class Suite:
         return Job(key[:16], claim.regime, overrides, seed, max(1, rounds // 5), cfg)
 
     def loss(self, job: Job) -> float:
+        """The job's final eval loss, NaN until it ran."""
         rec = self.records.get(job.key)
         return float(rec["final_eval_loss"]) if rec else math.nan
 
@@ -144,6 +150,7 @@ class Suite:
         return min(finite, key=lambda t: t[0])[1] if finite else scored[0][1]
 
     def seed_jobs(self, claim: Claim, arm: Arm) -> list[Job]:
+        """The arm's runs at its chosen point, one per seed (none until it is tuned)."""
         point = self.chosen(claim, arm)
         if point is None:
             return []
@@ -178,7 +185,9 @@ class Suite:
         run_dir = self.run_root / job.key
         run_dir.mkdir(parents=True, exist_ok=True)
         extra = [
-            "resume=true", f"checkpoint.every={job.ckpt_every}", f"workers.threads={self.threads}"
+            "resume=true",
+            f"checkpoint.every={job.ckpt_every}",
+            f"workers.threads={self.threads}",
         ]
         if self.in_process:
             error = self._train_here(job, run_dir, extra)
@@ -216,11 +225,11 @@ class Suite:
 
     def _train_here(self, job: Job, run_dir: Path, extra: list[str]) -> str:
         """Train ``job`` in this process (no interpreter start per run); the error, or ''."""
+        from omegaconf import OmegaConf
+
         from diloco.config import ConfigError
         from diloco.data import DataError
         from diloco.train import run
-
-        from omegaconf import OmegaConf
 
         overrides = [f"experiment=claims/{job.regime}", *job.overrides, *extra]
         cfg = OmegaConf.merge(job.cfg, OmegaConf.from_dotlist(extra))
@@ -231,6 +240,7 @@ class Suite:
         return ""
 
     def run_claim(self, claim: Claim, n_jobs: int) -> None:
+        """Tune the claim's arms, then run every arm with each seed."""
         print(f"claim {claim.name}: tuning", flush=True)
         self.run_all((j for a in claim.arms for _, j in self.tuning_jobs(claim, a)), n_jobs)
         print(f"claim {claim.name}: {len(self.seeds)} seeds per arm", flush=True)
@@ -238,6 +248,7 @@ class Suite:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run the chosen claims, render the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claims", default="", help="comma-separated names (default: all)")
     parser.add_argument("--scale", default="cpu", choices=sorted(SCALES))
@@ -258,10 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     suite = Suite(args.scale, results, Path(args.runs) / args.scale, threads, args.jobs == 1)
-    claims = [BY_NAME[n] for n in names]
     if not args.report_only:
-        for claim in claims:
-            suite.run_claim(claim, args.jobs)
+        for name in names:
+            suite.run_claim(BY_NAME[name], args.jobs)
     render(suite, CLAIMS, results, Path(args.readme) if args.readme else None)
 
 
