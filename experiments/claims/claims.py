@@ -235,7 +235,7 @@ def _robust(s: dict[str, Stats]) -> Verdict:
     tuned = beats(honest, halved) == "yes"
     hurt = {k: gap(v, honest) for k, v in s.items() if "honest" not in k}
     weak = [k for k in hurt if k.split(" / ")[1] in ("mean", "median", "krum")]
-    strong = [k for k in hurt if k.split(" / ")[1] in ("bucketing+median", "nnm+trimmed_mean")]
+    strong = [k for k in hurt if k.split(" / ")[1] in ROBUST_RULES and k not in weak]
     degraded = sum(hurt[k] > 0.05 for k in weak)
     held = sum(hurt[k] <= 0.05 for k in strong)
     ok = [tuned, degraded == len(weak), held == len(strong)]
@@ -260,6 +260,11 @@ ROBUST_RULES = {
     "median": "aggregator=median",
     "krum": "aggregator=krum",
     "bucketing+median": "aggregator=bucketing",
+    # Karimireddy et al.'s own pairing; tau=1 is the scale of an honest pseudo-gradient here
+    # (row norms 0.5-3.2 over the first 300 steps of the tuned honest run)
+    "bucketing+cclip": "aggregator=bucketing "
+    "aggregator.inner._target_=diloco.adversary.aggregators.CenteredClipping "
+    "+aggregator.inner.tau=1.0",
     "nnm+trimmed_mean": "aggregator=nnm",
 }
 
@@ -278,12 +283,35 @@ def _robust_arms() -> list[Arm]:
     for attack in ("alie", "ipm"):
         for rule, override in ROBUST_RULES.items():
             arms.append(
-                Arm(f"{attack} / {rule}", (f"attack={attack}", override), "S", tune_from="honest")
+                Arm(
+                    f"{attack} / {rule}",
+                    (f"attack={attack}", *override.split()),
+                    "S",
+                    tune_from="honest",
+                )
             )
     arms.append(
         Arm("sign_flip / mean", ("attack=sign_flip", "aggregator=mean"), "S", tune_from="honest")
     )
     return arms
+
+
+def _robustness(name: str, f_of_n: str) -> Claim:
+    return Claim(
+        name,
+        name,
+        "Karimireddy, He, Jaggi 2022 (arXiv 2012.10333), Table 2; Allouah et al. 2023 "
+        "(arXiv 2302.01772), NNM",
+        f"With a tuned honest baseline, ALIE and IPM at {f_of_n} degrade the mean, the "
+        "coordinate median and Krum, while bucketing (with a median or centered clipping) or "
+        "NNM before a robust rule stays within 5% of honest-only; sign flip under the mean "
+        "hurts.",
+        "reproduced if halving the honest outer step is worse (beyond 2 se), every ALIE/IPM "
+        "run under mean/median/Krum is > 5% worse than honest and every one under "
+        "bucketing/NNM within 5%",
+        _robust_arms(),
+        _robust,
+    )
 
 
 CLAIMS = [
@@ -393,20 +421,7 @@ CLAIMS = [
         ],
         _sparseloco,
     ),
-    Claim(
-        "robustness",
-        "robustness",
-        "Karimireddy, He, Jaggi 2022 (arXiv 2012.10333), Table 2; Allouah et al. 2023 "
-        "(arXiv 2302.01772), NNM",
-        "With a tuned honest baseline, ALIE and IPM at f=2 of 8 degrade the mean, the "
-        "coordinate median and Krum, while bucketing or NNM before a robust rule stays "
-        "within 5% of honest-only; sign flip under the mean hurts.",
-        "reproduced if halving the honest outer step is worse (beyond 2 se), every ALIE/IPM "
-        "run under mean/median/Krum is > 5% worse than honest and every one under "
-        "bucketing/NNM within 5%",
-        _robust_arms(),
-        _robust,
-    ),
+    _robustness("robustness", "f=2 of 8"),
     Claim(
         "replicas",
         "replicas",
@@ -455,6 +470,7 @@ CLAIMS.append(
         lambda s: _muloco(s),
     )
 )
+CLAIMS.append(_robustness("robustness_16", "f=3 of 16"))
 
 
 def _muloco(s: dict[str, Stats]) -> Verdict:

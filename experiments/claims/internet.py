@@ -29,7 +29,7 @@ def _value(metric: str, v: float) -> str:
 
 def table(found: list[dict[str, Any]] | None = None) -> str:
     """The rows as a markdown table."""
-    lines = ["| run | metric | reported | predicted | criterion | holds |", "|---|" * 6]
+    lines = ["| run | metric | reported | predicted | criterion | holds |", "|" + "---|" * 6]
     for r in rows() if found is None else found:
         m = r["metric"]
         lines.append(

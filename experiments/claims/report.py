@@ -12,6 +12,7 @@ table, so no number there is copied by hand.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +171,12 @@ def internet_section() -> str:
     )
 
 
+def _short(source: str) -> str:
+    """``First work (arXiv ids)``: the source without its tables and figures."""
+    ids = re.findall(r"arXiv \d{4}\.\d{4,5}", source)
+    return f"{source.split('(')[0].strip()} ({', '.join(ids)})"
+
+
 def render(suite: Suite, claims: list[Claim], results: Path, readme: Path | None) -> str:
     """Write ``claims.md`` (and the README table); return the summary table."""
     sections, summary = [], ["| claim | source | verdict |", "|---|---|---|"]
@@ -177,7 +184,7 @@ def render(suite: Suite, claims: list[Claim], results: Path, readme: Path | None
         text, verdict = claim_section(suite, claim, results)
         sections.append(text)
         summary.append(f"| [{claim.name}](experiments/results/claims.md#{claim.name}) "
-                       f"| {claim.source.split(',')[0]} | {verdict} |")  # fmt: skip
+                       f"| {_short(claim.source)} | {verdict} |")  # fmt: skip
     table = "\n".join(summary)
     header = [
         "# Claims of the literature, checked",
