@@ -141,6 +141,12 @@ class Claim:
     decide: Callable[[dict[str, Stats]], Verdict]
     plot_arms: Sequence[str] = ()
 
+    def tuned_by(self, arm: Arm) -> Arm:
+        """The arm whose grid decides ``arm``'s point: itself, or its ``tune_from`` chain's end."""
+        while arm.tune_from:
+            arm = next(a for a in self.arms if a.label == arm.tune_from)
+        return arm
+
 
 def _beats_verdict(winner: str, losers: Sequence[str]) -> Callable[[dict[str, Stats]], Verdict]:
     def decide(s: dict[str, Stats]) -> Verdict:
@@ -314,6 +320,17 @@ def _robustness(name: str, f_of_n: str) -> Claim:
     )
 
 
+def _muloco(s: dict[str, Stats]) -> Verdict:
+    better = beats(s["muon"], s["diloco"])
+    g = gap(s["muon int4"], s["muon"])
+    ok = [better == "yes", g <= 0.01]
+    verdict = "reproduced" if all(ok) else "partly" if any(ok) else "not reproduced"
+    if better == "no" and g > 0.01:
+        verdict = "reversed"
+    diff = paired(s["muon"], s["diloco"])[0]
+    return verdict, f"muon - adamw: {diff:+.4f} ({better}); int4 {g:+.2%} vs muon fp32"
+
+
 CLAIMS = [
     Claim(
         "ddp_gap",
@@ -450,9 +467,6 @@ CLAIMS = [
         ],
         _beats_verdict("weighted a=0.5", ["unweighted"]),
     ),
-]
-
-CLAIMS.append(
     Claim(
         "muloco",
         "muloco",
@@ -467,21 +481,10 @@ CLAIMS.append(
             Arm("muon", ("optimizer=muon",), grid=dict(DILOCO_GRID)),
             Arm("muon int4", ("optimizer=muon", "codec=int4"), tune_from="muon"),
         ],
-        lambda s: _muloco(s),
-    )
-)
-CLAIMS.append(_robustness("robustness_16", "f=3 of 16"))
-
-
-def _muloco(s: dict[str, Stats]) -> Verdict:
-    better = beats(s["muon"], s["diloco"])
-    g = gap(s["muon int4"], s["muon"])
-    ok = [better == "yes", g <= 0.01]
-    verdict = "reproduced" if all(ok) else "partly" if any(ok) else "not reproduced"
-    if better == "no" and g > 0.01:
-        verdict = "reversed"
-    diff = paired(s["muon"], s["diloco"])[0]
-    return verdict, f"muon - adamw: {diff:+.4f} ({better}); int4 {g:+.2%} vs muon fp32"
+        _muloco,
+    ),
+    _robustness("robustness_16", "f=3 of 16"),
+]
 
 
 BY_NAME = {c.name: c for c in CLAIMS}

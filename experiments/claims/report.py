@@ -37,13 +37,6 @@ def _point(point: dict[str, Any] | None, grid: dict[str, list[Any]] | None = Non
     return ", ".join(parts)
 
 
-def _grid(claim: Claim, arm: Any) -> dict[str, list[Any]] | None:
-    """The grid an arm's point was chosen on (its own, or its ``tune_from`` arm's)."""
-    while arm.tune_from:
-        arm = next(a for a in claim.arms if a.label == arm.tune_from)
-    return arm.grid
-
-
 def arm_stats(suite: Suite, claim: Claim) -> tuple[dict[str, Stats], dict[str, Any]]:
     """Stats of every arm whose seeds all finished, and each arm's chosen point."""
     stats, points = {}, {}
@@ -110,7 +103,9 @@ def claim_section(suite: Suite, claim: Claim, results: Path) -> tuple[str, str]:
     first = next(iter(stats.values()), None)
     for arm in claim.arms:
         s = stats.get(arm.label)
-        head = f"| {arm.label} | {arm.size} | {_point(points[arm.label], _grid(claim, arm))} |"
+        head = (
+            f"| {arm.label} | {arm.size} | {_point(points[arm.label], claim.tuned_by(arm).grid)} |"
+        )
         if s is None:
             lines.append(f"{head} pending | | |")
             continue

@@ -138,14 +138,15 @@ class Suite:
 
     def chosen(self, claim: Claim, arm: Arm) -> dict[str, Any] | None:
         """The tuned point of ``arm`` (lowest tuning loss), or None until all points ran."""
-        if arm.tune_from:
-            src = next(a for a in claim.arms if a.label == arm.tune_from)
+        src = claim.tuned_by(arm)
+        if src is not arm:
             return self.chosen(claim, src)
         if not arm.grid:
             return {}
-        scored = [(self.loss(j), p) for p, j in self.tuning_jobs(claim, arm)]
-        if any(j.key not in self.records for _, j in self.tuning_jobs(claim, arm)):
+        jobs = self.tuning_jobs(claim, arm)
+        if any(j.key not in self.records for _, j in jobs):
             return None
+        scored = [(self.loss(j), p) for p, j in jobs]
         finite = [(loss, p) for loss, p in scored if math.isfinite(loss)]
         return min(finite, key=lambda t: t[0])[1] if finite else scored[0][1]
 
