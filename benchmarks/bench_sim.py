@@ -120,15 +120,13 @@ def inner(args: argparse.Namespace, model_name: str, k: int, device: torch.devic
 
 
 def trainer_for(*overrides: str) -> Any:
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from diloco.compose import compose
     from diloco.config import parse
-    from diloco.train import CONF_DIR
     from diloco.trainer import Trainer
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        node = compose("config", overrides=["logger.mode=disabled", *overrides])
+    node = compose(["logger.mode=disabled", *overrides])
     cfg = parse(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
     import tempfile
 

@@ -113,6 +113,8 @@ def build_comm(cfg: Config) -> tuple[Communicator, torch.device]:
 
 def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: Corpus) -> Parts:
     """Every other part of the run, from the config, around ``comm``."""
+    check_corpus(cfg, corpus)
+    check_memory(cfg, corpus.vocab_size, len(comm.local_ids), device)  # before any allocation
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, "model", vocab_size=corpus.vocab_size, block_size=cfg.data.seq_len)
     try:
@@ -196,6 +198,82 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
             check(parts)
     policy.setup(parts)
     return parts
+
+
+def check_corpus(cfg: Config, corpus: Corpus) -> None:
+    """The corpus must give every worker one batch of distinct sequences (and an eval split).
+
+    A ``data.seq_len`` near the corpus length packs it into a handful of sequences, which the
+    run would repeat for ever; it is refused here, before any model is built.
+    """
+    k, b, n = cfg.workers.count, cfg.train.batch_size, len(corpus.train)
+    if n < k * b or len(corpus.eval) < 1:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len}, train.batch_size={b}",
+            f"the corpus packs into {n} train / {len(corpus.eval)} eval sequences of "
+            f"{cfg.data.seq_len + 1} tokens; workers.count={k} x train.batch_size={b} need "
+            f"{k * b} (use a smaller data.seq_len or batch, fewer workers, or more text)",
+        )
+
+
+def memory_estimate(cfg: Config, model: torch.nn.Module, vocab_size: int, local: int) -> int:
+    """A lower bound on a run's bytes: its parameters and the logits of one step.
+
+    Each of the ``local`` workers holds parameters and gradients (2 x P fp32; the optimizer's
+    state comes on top), the global model P more; a step holds the logits and their gradient
+    (2 x batch x seq_len x vocab, 2 bytes each under bf16), for every worker at once in the
+    batched path. Activations inside the model are left out: a bound, not a forecast.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    batched = cfg.workers.execution == "batched" or (
+        cfg.workers.execution == "auto" and hasattr(model, "batched_loss")
+    )
+    width = 2 if cfg.workers.precision == "bf16" else 4
+    logits = 2 * cfg.train.batch_size * cfg.data.seq_len * vocab_size * (local if batched else 1)
+    return 4 * params * (2 * local + 1) + width * logits
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: free device memory; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: Config, vocab_size: int, local: int, device: torch.device) -> None:
+    """Refuse a run whose :func:`memory_estimate` exceeds the memory free on its device.
+
+    The model is built on the ``meta`` device to count its parameters (nothing allocated);
+    a model that cannot be built there is not checked.
+    """
+    free = available_memory(device)
+    if free is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = build(cfg.model, "model", vocab_size=vocab_size, block_size=cfg.data.seq_len)
+    except ConfigError:
+        raise
+    except Exception:  # a model that needs real tensors to build
+        return
+    need = memory_estimate(cfg, model, vocab_size, local)
+    if need > free:
+        states = 4 * sum(p.numel() for p in model.parameters()) * (2 * local + 1)
+        key = f"workers.count={cfg.workers.count}" if 2 * states > need else (
+            f"train.batch_size={cfg.train.batch_size}")  # fmt: skip
+        raise ConfigError(
+            key,
+            f"{local} workers of this model and batch need at least {need / 2**30:.1f} GiB "
+            f"on {device.type}, {free / 2**30:.1f} GiB is free (use a smaller batch, "
+            "data.seq_len or model, or fewer workers per process)",
+        )
 
 
 def _loss_at(group: WorkerGroup) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import types
 import typing
 from collections.abc import Callable
@@ -31,8 +32,11 @@ class ConfigError(ValueError):
     """A config value is wrong; ``str(err)`` is one line naming the key."""
 
     def __init__(self, key: str, message: str) -> None:
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"{key}: {message}")
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return type(self), (self.key, self.message)  # crosses a process pool intact
 
 
 def _ge(v: float) -> dict[str, float]:
@@ -116,9 +120,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggerConfig:
-    """W&B and console settings. W&B is offline unless told otherwise."""
+    """W&B and console settings: ``mode`` null follows ``$WANDB_MODE``, else offline."""
 
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    mode: Literal["offline", "online", "disabled"] | None = None  # None: $WANDB_MODE
     project: str = "diloco"
     entity: str | None = None
     group: str | None = None
@@ -297,9 +301,12 @@ def parse(node: dict[str, Any]) -> Config:
             continue
         if not plugin or "_target_" not in plugin:
             raise ConfigError(key, "missing; pick one from conf/" + key)
-        config_cls = getattr(import_target(plugin, key), "Config", None)
+        target = import_target(plugin, key)
+        config_cls = getattr(target, "Config", None)
         if isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls):
             from_dict(config_cls, plugin, key)
+        elif isinstance(target, type):
+            check_arguments(target, plugin, key)
     build_optimizer(cfg.optimizer, "optimizer")
     return cfg
 
@@ -333,11 +340,102 @@ def build(node: dict[str, Any], key: str, *args: Any, **extra: Any) -> Any:
         raise ConfigError(key, str(err).splitlines()[0]) from None
 
 
-def build_optimizer(node: dict[str, Any], key: str) -> Callable[..., Any]:
-    """A partial optimizer factory, checked once on a dummy parameter so bad values fail early."""
-    factory = build_partial(node, key)
+def check_arguments(target: Any, node: dict[str, Any], key: str) -> None:
+    """Check a plug-in's arguments against its constructor, naming the full key.
+
+    An argument the constructor does not take (when it has no ``**kwargs``) is unknown; one
+    whose default is a number, a bool, a string or a tuple must be of that kind
+    (``optimizer.lr=abc: got 'abc'; expected a number``). Values and relations between them
+    are left to the constructor.
+    """
     try:
-        factory([{"params": [torch.zeros(1, requires_grad=True)]}])
-    except (TypeError, ValueError) as err:
-        raise ConfigError(key, str(err).splitlines()[0]) from None
-    return factory
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name, value in _kwargs(node).items():
+        param = params.get(name)
+        if param is None:
+            if open_ended:
+                continue
+            known = ", ".join(n for n, p in params.items() if p.default is not p.empty)
+            raise ConfigError(f"{key}.{name}", f"unknown argument; known: {known}")
+        tp = _simple(_annotation(target, name, param))
+        if value is not None and tp is not None:
+            _convert(value, tp, f"{key}.{name}")
+
+
+def _annotation(target: Any, name: str, param: inspect.Parameter) -> Any:
+    """The resolved annotation of one parameter (None: nothing to check).
+
+    Unannotated, the default's type stands in (an int default accepts any number); an
+    annotation that does not resolve (a name imported only for type checkers) checks nothing.
+    """
+    if param.annotation is param.empty:
+        if param.default in (param.empty, None):
+            return None
+        kind = type(param.default)
+        return float if kind is int else kind
+    fn = getattr(target, "__init__", target) if isinstance(target, type) else target
+    shim = types.FunctionType((lambda: None).__code__, {})
+    shim.__annotations__ = {name: param.annotation}  # resolved alone: others may not resolve
+    try:
+        return typing.get_type_hints(shim, vars(importlib.import_module(fn.__module__)))[name]
+    except Exception:
+        return None
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _simple(tp: Any) -> Any:
+    """The part of annotation ``tp`` that :func:`_convert` checks (None: nothing to check).
+
+    Scalars and Literals stay; a tuple or list becomes ``list[Any]``; a Union keeps its
+    checkable members (``Union[float, Tensor]`` -> ``float``); anything else is not checked.
+    """
+    origin = get_origin(tp)
+    if tp in _SCALARS or origin is Literal:
+        return tp
+    if tp in (list, tuple) or origin in (list, tuple):
+        return list[Any]
+    if origin in (Union, types.UnionType):
+        args = [a for a in (_simple(a) for a in get_args(tp)) if a is not None]
+        if type(None) in get_args(tp):
+            args.append(type(None))
+        return Union[tuple(args)] if len(args) > 1 else (args[0] if args else None)  # noqa: UP007
+    return None
+
+
+def build_optimizer(node: dict[str, Any], key: str) -> Callable[..., Any]:
+    """A partial optimizer factory, checked once on a dummy parameter so bad values fail early.
+
+    A value the optimizer rejects (``lr=-1``) is named: the argument whose default makes the
+    optimizer build is the one blamed (``optimizer.lr=-1: Invalid learning rate: -1``).
+    """
+    target = import_target(node, key)
+    check_arguments(target, node, key)
+    factory = build_partial(node, key)
+
+    def attempt(partial: Callable[..., Any]) -> Exception | None:
+        try:
+            partial([{"params": [torch.zeros(1, requires_grad=True)]}])
+        except (TypeError, ValueError) as err:
+            return err
+        return None
+
+    err = attempt(factory)
+    if err is None:
+        return factory
+    message = str(err).splitlines()[0]
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        raise ConfigError(key, message) from None
+    for name, value in _kwargs(node).items():  # the argument whose default makes it build
+        param = params.get(name)
+        if param is not None and param.default is not param.empty:
+            others = {k: v for k, v in _kwargs(node).items() if k != name}
+            if attempt(functools.partial(target, **others)) is None:
+                raise ConfigError(f"{key}.{name}={value}", message)
+    raise ConfigError(key, message)

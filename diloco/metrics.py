@@ -7,15 +7,24 @@ taken; ``round``, ``tokens`` (per worker) and ``time/wall_s`` are extra x-axes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
+import netrc
+import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
-from tqdm import tqdm
+if importlib.util.find_spec("ipywidgets") is not None:  # a widget bar in notebooks
+    from tqdm.auto import tqdm
+else:  # tqdm.auto would warn in a notebook without ipywidgets; a text bar works everywhere
+    from tqdm import tqdm
+
+from diloco.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,48 @@ class JsonlLogger:
     def close(self) -> None:
         """Close the file."""
         self._file.close()
+
+
+# WANDB_MODE values W&B accepts, as the mode passed to ``wandb.init``
+_WANDB_ENV_MODES = {"online": "online", "run": "online", "shared": "online",
+                    "offline": "offline", "dryrun": "offline", "disabled": "disabled"}  # fmt: skip
+
+
+def wandb_mode(mode: str | None) -> str:
+    """The W&B mode: ``logger.mode``, or when it is null ``$WANDB_MODE``, else ``offline``.
+
+    ``online`` without credentials is a one-line error naming where it came from, before any
+    work (W&B would print a long traceback once training starts).
+    """
+    key = f"logger.mode={mode}"
+    if mode is None:
+        env = os.environ.get("WANDB_MODE", "").strip()
+        if env and env not in _WANDB_ENV_MODES:
+            raise ConfigError(f"WANDB_MODE={env}", f"allowed: {', '.join(_WANDB_ENV_MODES)}")
+        mode, key = _WANDB_ENV_MODES.get(env, "offline"), f"WANDB_MODE={env}"
+    if mode == "online" and not has_wandb_credentials():
+        raise ConfigError(
+            key,
+            "no W&B credentials (WANDB_API_KEY or ~/.netrc); run `wandb login`, or use "
+            "logger.mode=offline and `wandb sync` the run later",
+        )
+    return mode
+
+
+def has_wandb_credentials() -> bool:
+    """An API key in the environment or in the netrc file for W&B's host (``wandb login``)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    # W&B keys its netrc entry by the server's netloc (host and port, for a local server)
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    paths = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for path in paths:
+        try:
+            if netrc.netrc(os.path.expanduser(path)).authenticators(host) is not None:
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
 
 
 class WandbLogger:

@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from diloco.algorithms import DDP, DiLoCo
@@ -52,6 +50,7 @@ from diloco.algorithms.streaming import StreamingDiLoCo
 from diloco.clock import SimClock
 from diloco.comm.base import Collective, CommConfig
 from diloco.comm.topology import TOPOLOGIES
+from diloco.compose import compose
 from diloco.config import (
     ConfigError,
     DataConfig,
@@ -64,8 +63,6 @@ from diloco.exchange.codec_base import wire_nbytes
 from diloco.exchange.codecs import make_codec
 from diloco.exchange.pipeline import all_reduces
 from diloco.profiles import worker_profiles
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass
@@ -195,8 +192,7 @@ class Plan:
 
 def compose_plan(overrides: Sequence[str]) -> dict[str, Any]:
     """``conf/plan.yaml`` with command-line ``overrides``, resolved to a plain dict."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        node = compose("plan", overrides=list(overrides))
+    node = compose(overrides, "plan")
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 
@@ -296,18 +292,12 @@ def check_published(path: str | Path) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: print the plan; a bad value is one line naming it, exit 2."""
-    from diloco.train import check_groups
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        check_groups(argv)
         cfg = from_dict(PlanConfig, compose_plan(argv))
         result = build_plan(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except HydraException as err:  # override syntax, a key conf/plan.yaml does not have
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     print(result.text() if cfg.plan.format == "text" else json.dumps(result.as_dict(), indent=2))
 

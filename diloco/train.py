@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from diloco import metrics as M
 from diloco.build import build_comm, build_parts
 from diloco.comm.torchdist import CommError
+from diloco.compose import CONF_DIR, check_overrides
 from diloco.config import ConfigError, parse
 from diloco.data import DataError, load_corpus
 from diloco.trainer import Trainer
 
 log = logging.getLogger("diloco")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def git_sha() -> str:
@@ -66,6 +65,8 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
     """
     resolved: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
     cfg = parse(resolved)
+    mode = M.wandb_mode(cfg.logger.mode)  # online: credentials checked here
+    cfg.logger.mode = resolved["logger"]["mode"] = mode  # type: ignore[assignment]
     comm, device = build_comm(cfg)
     try:
         run_dir = comm.shared_path(run_dir)
@@ -111,29 +112,10 @@ def _hydra_main(node: DictConfig) -> float:
         sys.exit(1)
 
 
-_GROUP_OVERRIDE = re.compile(r"^[+~]?([a-z_]+)=(.*)$")
-
-
-def check_groups(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Reject ``group=option`` overrides naming an option that does not exist, in one line."""
-    for arg in argv:
-        match = _GROUP_OVERRIDE.match(arg)
-        if not match or not (conf_dir / match[1]).is_dir():
-            continue
-        group, value = match[1], match[2]
-        root = conf_dir / group
-        options = sorted(
-            p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")
-        )
-        for choice in value.split(","):
-            if choice and choice != "null" and choice not in options:
-                raise ConfigError(f"{group}={choice}", f"unknown; allowed: {', '.join(options)}")
-
-
 def main() -> None:
     """Console entry point."""
     try:
-        check_groups(sys.argv[1:])
+        check_overrides(sys.argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from diloco.compose import compose
 from diloco.config import Config, parse
 from diloco.data import ByteTokenizer, Corpus
 
@@ -17,8 +17,7 @@ CONF_DIR = REPO / "conf"
 
 def make_config(*overrides: str) -> Config:
     """Compose conf/ with overrides (as the CLI would) and validate it."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        node = compose("config", overrides=list(overrides))
+    node = compose(list(overrides))
     return parse(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
 
 

@@ -13,8 +13,8 @@ from diloco.adversary import (
     MultiKrum,
     TrimmedMean,
 )
+from diloco.compose import check_overrides
 from diloco.config import ConfigError
-from diloco.train import check_groups
 from tests.helpers import CONF_DIR, node, plugin
 
 X = torch.tensor([[1.0, 2, 3], [4, 5, 6], [7, 8, 9]])
@@ -341,7 +341,7 @@ def test_registry_names():
 
 def test_registry_errors():
     with pytest.raises(ConfigError, match="aggregator=average: unknown; allowed: bucketing"):
-        check_groups(["aggregator=average"])
+        check_overrides(["aggregator=average"])
     with pytest.raises(ConfigError, match=r"f=-1.*>= 0"):
         plugin("aggregator", "krum", f=-1)
     with pytest.raises(ConfigError, match="unknown key"):

@@ -13,8 +13,8 @@ from diloco.adversary import (
     SignFlip,
     Stale,
 )
+from diloco.compose import check_overrides
 from diloco.config import ConfigError
-from diloco.train import check_groups
 from tests.helpers import CONF_DIR, plugin
 
 X = torch.tensor([[1.0, 2, 3], [4, 5, 6], [7, 8, 9]])
@@ -187,7 +187,7 @@ def test_malformed_corrupt_payloads(kind):
 
 def test_registry_errors():
     with pytest.raises(ConfigError, match="attack=flip: unknown; allowed: alie"):
-        check_groups(["attack=flip"])
+        check_overrides(["attack=flip"])
     with pytest.raises(ConfigError, match="k=0"):
         plugin("attack", "stale", k=0)
     with pytest.raises(ConfigError, match="allowed"):

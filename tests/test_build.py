@@ -99,3 +99,31 @@ def test_demo_bypasses_the_exchange_and_says_which_groups_to_reset(tmp_path):
     cfg = make_config(*TINY, "algorithm=demo", "codec=int8", "aggregator=median")
     with pytest.raises(ConfigError, match="algorithm=demo: .*codec, aggregator must stay"):
         Trainer.from_config(cfg, tmp_path, synthetic_corpus())
+
+
+def test_a_run_bigger_than_free_memory_is_refused_before_training(tmp_path, monkeypatch):
+    import diloco.build
+    from diloco.config import build
+
+    cfg = make_config(*DILOCO)
+    corpus = synthetic_corpus()
+    model = build(cfg.model, "model", vocab_size=256, block_size=cfg.data.seq_len)
+    p = sum(t.numel() for t in model.parameters())
+    need = diloco.build.memory_estimate(cfg, model, vocab_size=256, local=4)
+    # 4 workers x (parameters, gradients) + the global model, fp32; logits and their
+    # gradient for the 4 workers of the batched path, fp32
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    assert need == 4 * p * 9 + 4 * 2 * b * t * 256 * 4
+    loop = make_config(*DILOCO, "workers.execution=loop")
+    assert diloco.build.memory_estimate(loop, model, 256, 4) == 4 * p * 9 + 4 * 2 * b * t * 256
+    monkeypatch.setattr(diloco.build, "available_memory", lambda device: need - 1)
+    with pytest.raises(ConfigError, match=r"4 workers of this model and batch need at least"):
+        Trainer.from_config(cfg, tmp_path, corpus)
+    monkeypatch.setattr(diloco.build, "available_memory", lambda device: need)
+    Trainer.from_config(cfg, tmp_path, corpus)
+
+
+def test_a_corpus_too_small_for_one_batch_per_worker_is_refused(tmp_path):
+    cfg = make_config(*DILOCO, "train.batch_size=100")  # 4 x 100 > 256 train sequences
+    with pytest.raises(ConfigError, match="packs into 256 train / 16 eval .* need 400"):
+        Trainer.from_config(cfg, tmp_path, synthetic_corpus())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from diloco.compose import check_overrides
 from diloco.config import ConfigError
-from diloco.train import check_groups
 
 CLAIMS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "claims"
 sys.path.insert(0, str(CLAIMS_DIR))
@@ -52,9 +52,9 @@ def test_unknown_claim_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_nested_experiment_names_are_checked() -> None:
-    check_groups(["experiment=claims/ddp_gap"])
+    check_overrides(["experiment=claims/ddp_gap"])
     with pytest.raises(ConfigError, match="experiment=claims/nope: unknown; allowed: claims/"):
-        check_groups(["experiment=claims/nope"])
+        check_overrides(["experiment=claims/nope"])
 
 
 def test_verdict_rules() -> None:

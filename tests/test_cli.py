@@ -53,18 +53,71 @@ def small_run(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
         ("workers.count=-2", "workers.count=-2: must be >= 1"),
         ("algorithm=foo", "algorithm=foo: unknown; allowed: ddp, demo, diloco, fedavg"),
         ("train.steps=abc", "train.steps: got 'abc'; expected an integer"),
-        ("optimizer.lr=-1", "optimizer: Invalid learning rate: -1"),
+        ("optimizer.lr=-1", "optimizer.lr=-1: Invalid learning rate: -1"),
         ("data.path=/no/such/corpus", "/no/such/corpus"),
         ("device=tpu9", "device=tpu9: not a torch device"),
+        ("optimizer.lr=abc", "optimizer.lr: got 'abc'; expected a number"),
+        ("+optimizer.betaz=1", "optimizer.betaz: unknown argument; known: lr, betas"),
+        ("model.n_layer=2.5", "model.n_layer: got 2.5; expected an integer"),
+        ("algoritm=ddp", "algoritm=ddp: unknown key; did you mean algorithm?"),
+        ("train.stepz=10", "train.stepz=10: unknown key; did you mean train.steps?"),
+        ("trian.steps=10", "trian.steps=10: unknown key; did you mean train.steps?"),
+        ("WANDB_MODE=bogus", "WANDB_MODE=bogus: allowed: online, run, shared, offline"),
+        ("validator=null", "validator=null: a group takes an option; ~validator drops it"),
+        ("logger.name=a=b", "logger.name=a=b: mismatched input '='"),
     ],
 )
 def test_bad_config_exits_with_one_line(override, expected, tmp_path):
-    out = cli(override, f"hydra.run.dir={tmp_path}", *QUIET)
+    if override.startswith("WANDB_MODE="):  # the environment, with logger.mode left null
+        out = cli(f"hydra.run.dir={tmp_path}", env={**ENV, "WANDB_MODE": override[11:]})
+    else:
+        out = cli(override, f"hydra.run.dir={tmp_path}", *QUIET)
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("error: ") and expected in lines[0]
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_plugin_arguments_are_checked_before_the_corpus_loads(tmp_path):
+    out = cli("optimizer.lr=abc", "data.path=/no/such/corpus", f"hydra.run.dir={tmp_path}", *QUIET)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: optimizer.lr: got 'abc'")
+
+
+def test_a_seq_len_the_corpus_cannot_fill_fails_in_seconds(tmp_path):
+    start = time.monotonic()
+    out = cli("data.seq_len=1000000", f"hydra.run.dir={tmp_path}", *QUIET, timeout=60)
+    elapsed = time.monotonic() - start
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: data.seq_len=1000000, train.batch_size=8: the corpus packs")
+    assert "workers.count=4 x train.batch_size=8 need 32" in lines[0]
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+def test_online_logging_without_credentials_is_one_line(tmp_path):
+    env = {k: v for k, v in ENV.items() if not k.startswith(("WANDB", "NETRC"))}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc
+    out = cli("logger.mode=online", "data.path=/no/such/corpus", f"hydra.run.dir={tmp_path}",
+              env=env, timeout=60)  # fmt: skip
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "logger.mode=online: no W&B credentials" in lines[0] and "wandb login" in lines[0]
+
+
+@pytest.mark.parametrize(("env_mode", "offline_run"), [("offline", True), ("disabled", False)])
+def test_wandb_mode_from_the_environment_when_the_config_sets_none(env_mode, offline_run, tmp_path):
+    env = {**ENV, "WANDB_MODE": env_mode}
+    out = cli("experiment=debug", "logger.mode=null", f"hydra.run.dir={tmp_path}", env=env)
+    assert out.returncode == 0, out.stderr
+    assert any((tmp_path / "wandb").glob("offline-run-*")) == offline_run
+
+
+def test_a_plain_sweep_prints_one_table(tmp_path):
+    out = cli("-m", "seed=0,1", "experiment=debug", f"hydra.sweep.dir={tmp_path}", *QUIET)
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.split(f"sweep {tmp_path}")[-1]
+    assert table.count("diloco") == 2 and "final_eval_loss" in table
 
 
 def test_debug_experiment_writes_metrics_summary_and_wandb_offline(tmp_path):
@@ -247,3 +300,19 @@ def test_runs_of_a_sweep_share_a_wandb_group():
     assert sweep_group("/abs/multirun/2026-11-26/13-40-00") == sweep_group(
         "multirun/2026-11-26/13-40-00"
     )
+
+
+def test_a_key_one_option_of_a_swept_group_lacks_is_one_line(tmp_path):
+    out = cli(
+        "-m", "algorithm=ddp,diloco", "algorithm.inner_steps=3", f"hydra.sweep.dir={tmp_path}"
+    )
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: algorithm.inner_steps=3: unknown key with algorithm=ddp")
+    assert not list(tmp_path.rglob("summary.json"))
+
+
+def test_a_glob_sweep_over_a_group_runs(tmp_path):
+    out = cli("-m", "codec=glob(int*)", "experiment=debug", f"hydra.sweep.dir={tmp_path}", *QUIET)
+    assert out.returncode == 0, out.stderr
+    assert len(list(tmp_path.rglob("summary.json"))) == 2  # int4 and int8

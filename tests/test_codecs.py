@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from diloco.compose import check_overrides
 from diloco.config import ConfigError
 from diloco.exchange.codecs import (
     Compose,
@@ -20,7 +21,6 @@ from diloco.exchange.codecs import (
     pack_bits,
     unpack_bits,
 )
-from diloco.train import check_groups
 from tests.helpers import node, plugin
 
 SHAPES = [(1, 1), (2, 7), (3, 100), (2, 257), (4, 1000)]
@@ -285,7 +285,7 @@ def test_error_feedback_rows_that_do_not_send_keep_their_residual():
 
 def test_registry_errors():
     with pytest.raises(ConfigError, match="codec=zip: unknown; allowed: bf16"):
-        check_groups(["codec=zip"])
+        check_overrides(["codec=zip"])
     with pytest.raises(ConfigError, match=r"codec.block=0: must be >= 1"):
         plugin("codec", "int8", block=0)
     with pytest.raises(ConfigError, match="codec.bogus"):

@@ -503,3 +503,26 @@ def test_stalled_rank_ends_the_run_with_one_line_after_the_timeout(tmp_path):
     ), lines[0]
     assert timeout_s - 1 <= elapsed < timeout_s + 30, elapsed
     assert not (run_dir / "summary.json").exists()
+
+
+def test_every_registered_marker_is_used_and_every_selected_one_exists():
+    """A ``-m "not slow"`` selector with no test marked slow selects nothing: it misleads."""
+    block = (REPO / "pyproject.toml").read_text().split("markers = [", 1)[1].split("]", 1)[0]
+    markers = set(re.findall(r'^\s*"(\w+):', block, flags=re.M))
+    assert markers, "no markers found in pyproject.toml"
+    sources = "\n".join(p.read_text() for p in (REPO / "tests").glob("*.py"))
+    for marker in markers:
+        assert f"mark.{marker}" in sources, f"marker {marker} is registered but never used"
+    for text in ((REPO / "Makefile").read_text(), (REPO / "README.md").read_text()):
+        for selected in re.findall(r'pytest[^\n]*-m "(?:not )?(\w+)"', text):
+            assert selected in markers, f"-m {selected}: no such marker"
+
+
+def test_the_test_command_says_what_it_installs():
+    """``make test`` installs Slurm with apt-get and starts a cluster: the README says so there."""
+    readme = (REPO / "README.md").read_text()
+    after = readme.split("```bash\nmake test\n```", 1)[1].split("\n## ", 1)[0]
+    for word in ("torch==2.13.0", "dev extras", "slurm-wlm", "apt-get", "cluster"):
+        assert word in after, f"README: the paragraph after `make test` does not mention {word}"
+    slurm = (REPO / "tests" / "slurm_cluster.py").read_text()
+    assert "apt-get" in slurm and "slurm-wlm" in slurm  # what the README describes is so

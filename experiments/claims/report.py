@@ -78,7 +78,8 @@ def plot(path: Path, claim: Claim, stats: dict[str, Stats]) -> None:
     lows = [s.mean for s in stats.values()]
     if lows:
         ax.set_ylim(min(lows) * 0.97, max(lows) * 1.25)
-    ax.legend(fontsize=7)
+    if ax.get_lines():  # a claim whose runs log no eval curve has nothing to name
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

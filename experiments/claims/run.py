@@ -103,11 +103,11 @@ class Suite:
         return self._jobs[memo]
 
     def _compose_job(self, claim: Claim, overrides: list[str], seed: int) -> Job:
-        from hydra import compose, initialize_config_dir
-
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", [f"experiment=claims/{claim.regime}", *overrides])
         from omegaconf import OmegaConf
+
+        from diloco.compose import compose
+
+        cfg = compose([f"experiment=claims/{claim.regime}", *overrides])
 
         node = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(node, dict)
