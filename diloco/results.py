@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from diloco.metrics import SUMMARY_COLUMNS, format_table
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ AXIS_LABELS = {
     M.WALL_S: "wall time (s)",
     M.ROUND: "outer rounds",
     "step": "inner steps per worker",
+    "comm_bytes_per_worker": "bytes sent per worker",
+    "final_eval_loss": "final eval loss (nats/token)",
     M.EVAL_LOSS: "eval loss (nats/token)",
     M.EVAL_BPB: "eval bits per token",
     M.TRAIN_LOSS: "train loss (nats/token)",
@@ -251,4 +254,98 @@ def plot_runs(
     ax.grid(alpha=0.3)
     if ax.get_lines():
         ax.legend(fontsize="small")
+    return ax
+
+
+def _run_folders(runs: Any) -> list[Path]:
+    """Run folders from a path, a list of paths or runs (``.dir``), or a frame's ``run_dir``."""
+    if hasattr(runs, "columns"):
+        return [Path(d) for d in runs["run_dir"]]
+    if isinstance(runs, str | Path) or hasattr(runs, "dir"):
+        runs = [runs]
+    return [Path(getattr(r, "dir", r)) for r in runs]
+
+
+def plot_curves(
+    runs: Any,
+    xs: Sequence[str] = (M.TOKENS, M.BYTES_SENT, M.SIM_S),
+    y: str = M.EVAL_LOSS,
+    path: str | Path | None = None,
+) -> Figure:
+    """One panel per x-axis (tokens, bytes sent, modelled time), ``y`` against each, a line per run.
+
+    Args:
+        runs: A run or sweep folder, a list of folders or :class:`diloco.api.Run`, or a frame
+            with a ``run_dir`` column (what :func:`diloco.api.sweep` returns).
+        xs: The x columns, one panel each.
+        y: The y column (eval loss by default).
+        path: Save the figure there too (PNG at 120 dpi).
+    """
+    import matplotlib.pyplot as plt
+
+    metrics, _ = load_runs(_run_folders(runs))
+    fig, axes = plt.subplots(1, len(xs), figsize=(5 * len(xs), 4), sharey=True, squeeze=False)
+    for i, (ax, x) in enumerate(zip(axes[0], xs, strict=True)):
+        plot_runs(metrics, x=x, y=y, ax=ax)
+        if i:
+            ax.set_ylabel("")
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(
+    summaries: Any,
+    x: str = "comm_bytes_per_worker",
+    y: str = "final_eval_loss",
+    by: str = "run",
+    ax: Axes | None = None,
+) -> Axes:
+    """Final loss against bytes sent per worker, a point per run, the Pareto front drawn.
+
+    Args:
+        summaries: A frame with ``x`` and ``y`` columns (:func:`diloco.api.sweep`,
+            :func:`load_runs`), or what :func:`plot_curves` accepts.
+        x: The x column, on a log axis (runs that sent nothing are left out).
+        y: The y column.
+        by: The column that labels and colours each point (``run``, ``algorithm``...).
+        ax: Axes to draw on; a new figure when ``None``.
+    """
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = summaries if isinstance(summaries, pd.DataFrame) else load_runs(
+        _run_folders(summaries))[1]  # fmt: skip
+    missing = [c for c in (x, y, by) if c not in frame.columns]
+    if missing:
+        raise KeyError(f"summaries has no column {missing}; columns: {list(frame.columns)}")
+    frame = frame[frame[x] > 0]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for label, group in frame.groupby(by, sort=False):
+        ax.scatter(group[x], group[y], label=str(label), s=30)
+    pts = list(zip(frame[x].astype(float), frame[y].astype(float), strict=True))
+    front = [pts[i] for i in pareto_front(pts)]
+    if front:
+        ax.step(*zip(*front, strict=True), where="post", color="grey", lw=1, alpha=0.7,
+                label="Pareto front")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel(AXIS_LABELS.get(x, x.replace("_", " ")))
+    ax.set_ylabel(AXIS_LABELS.get(y, y.replace("_", " ")))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return ax
