@@ -150,6 +150,9 @@ class WandbLogger:
     def __init__(self, run_dir: Path, cfg: Any, config: dict[str, Any]) -> None:
         import wandb  # lazy: heavy import
 
+        if not os.environ.get("WANDB_MODE", "x").strip():
+            del os.environ["WANDB_MODE"]  # W&B refuses an empty one; empty means unset here
+
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)

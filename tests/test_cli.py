@@ -105,7 +105,9 @@ def test_online_logging_without_credentials_is_one_line(tmp_path):
     assert "logger.mode=online: no W&B credentials" in lines[0] and "wandb login" in lines[0]
 
 
-@pytest.mark.parametrize(("env_mode", "offline_run"), [("offline", True), ("disabled", False)])
+@pytest.mark.parametrize(
+    ("env_mode", "offline_run"), [("offline", True), ("disabled", False), ("", True)]
+)  # empty: unset, so offline (W&B itself refuses an empty WANDB_MODE)
 def test_wandb_mode_from_the_environment_when_the_config_sets_none(env_mode, offline_run, tmp_path):
     env = {**ENV, "WANDB_MODE": env_mode}
     out = cli("experiment=debug", "logger.mode=null", f"hydra.run.dir={tmp_path}", env=env)
