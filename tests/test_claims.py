@@ -43,6 +43,14 @@ def test_debug_suite_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (tmp_path / "res" / "claims_runs.jsonl").read_text().splitlines() == records
     assert "[1/" not in capsys.readouterr().out
 
+    import evidence as E
+
+    E.main(args[:6] + ["--jobs", "1"])  # the probes train on top of the suite's records
+    table = (tmp_path / "res" / "claims_evidence.md").read_text()
+    assert "pending" not in table
+    assert table.count("(the suite's point)") == len(E.PROBES)
+    assert table.count(": best ") == len(E.PROBES)
+
 
 def test_unknown_claim_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
