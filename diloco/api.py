@@ -46,6 +46,7 @@ from diloco.config import ConfigError, parse
 from diloco.data import DataError
 from diloco.metrics import wandb_mode
 from diloco.results import load_metrics, load_runs, plot_curves, plot_pareto, plot_runs
+from diloco.train import sweep_group
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -269,7 +270,7 @@ def sweep(
     ]
     nodes = [_prepare([*base, *items]) for items in combos]  # all checked before any trains
     sweep_dir = Path(dir) if dir is not None else _new_dir("multirun/api")
-    group = "sweep-" + "_".join(sweep_dir.parts[-2:])  # as diloco.train.sweep_group
+    group = sweep_group(str(sweep_dir))  # the W&B group a -m sweep's runs share
     todo: list[tuple[list[str], str, DictConfig]] = []
     for i, (items, node) in enumerate(zip(combos, nodes, strict=True)):
         run_dir = sweep_dir / f"{i}_{_dirname(items)}"
@@ -333,7 +334,7 @@ def load(path: str | Path) -> Run | pd.DataFrame:
                 str(a) for a in yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
             ]
         return Run(path, summary, resolved, args)
-    _, summaries = load_runs(path)
+    _, summaries = load_runs(path, with_metrics=False)
     runs = [load(d) for d in summaries.run_dir]
     sets = [set(r.overrides) for r in runs if isinstance(r, Run)]
     shared = set.intersection(*sets) if sets else set()

@@ -217,7 +217,14 @@ def check_corpus(cfg: Config, corpus: Corpus) -> None:
 
 
 def memory_estimate(cfg: Config, model: torch.nn.Module, vocab_size: int, local: int) -> int:
-    """A lower bound on a run's bytes: its parameters and the logits of one step.
+    """A lower bound on a run's bytes: its parameters and the logits of one step."""
+    return sum(_memory_parts(cfg, model, vocab_size, local))
+
+
+def _memory_parts(
+    cfg: Config, model: torch.nn.Module, vocab_size: int, local: int
+) -> tuple[int, int]:
+    """``(state bytes, logit bytes)`` of :func:`memory_estimate`.
 
     Each of the ``local`` workers holds parameters and gradients (2 x P fp32; the optimizer's
     state comes on top), the global model P more; a step holds the logits and their gradient
@@ -230,7 +237,7 @@ def memory_estimate(cfg: Config, model: torch.nn.Module, vocab_size: int, local:
     )
     width = 2 if cfg.workers.precision == "bf16" else 4
     logits = 2 * cfg.train.batch_size * cfg.data.seq_len * vocab_size * (local if batched else 1)
-    return 4 * params * (2 * local + 1) + width * logits
+    return 4 * params * (2 * local + 1), width * logits
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -263,10 +270,10 @@ def check_memory(cfg: Config, vocab_size: int, local: int, device: torch.device)
         raise
     except Exception:  # a model that needs real tensors to build
         return
-    need = memory_estimate(cfg, model, vocab_size, local)
+    states, logits = _memory_parts(cfg, model, vocab_size, local)
+    need = states + logits
     if need > free:
-        states = 4 * sum(p.numel() for p in model.parameters()) * (2 * local + 1)
-        key = f"workers.count={cfg.workers.count}" if 2 * states > need else (
+        key = f"workers.count={cfg.workers.count}" if states > logits else (
             f"train.batch_size={cfg.train.batch_size}")  # fmt: skip
         raise ConfigError(
             key,

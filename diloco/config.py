@@ -305,9 +305,10 @@ def parse(node: dict[str, Any]) -> Config:
         config_cls = getattr(target, "Config", None)
         if isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls):
             from_dict(config_cls, plugin, key)
+        elif key == "optimizer":  # its arguments, then its values on a dummy parameter
+            build_optimizer(plugin, key)
         elif isinstance(target, type):
             check_arguments(target, plugin, key)
-    build_optimizer(cfg.optimizer, "optimizer")
     return cfg
 
 

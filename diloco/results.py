@@ -166,13 +166,14 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 
 
 def load_runs(
-    paths: str | Path | Iterable[str | Path],
+    paths: str | Path | Iterable[str | Path], with_metrics: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Load the metrics and summaries of finished runs into two DataFrames.
 
     Args:
         paths: A run folder, a sweep folder (every folder below it holding a ``summary.json``
             is a run) or a list of those. Runs are ordered by path, Hydra job number first.
+        with_metrics: Read every ``metrics.jsonl``; False leaves the metrics frame empty.
 
     Returns:
         ``(metrics, summaries)``. ``metrics`` has one row per line of each run's
@@ -201,7 +202,7 @@ def load_runs(
         summary = json.loads((run_dir / "summary.json").read_text())
         summaries.append({"run": label, **summary, "run_dir": str(run_dir)})
         head = {"run": label, "algorithm": summary.get("algorithm")}
-        if (run_dir / "metrics.jsonl").is_file():
+        if with_metrics and (run_dir / "metrics.jsonl").is_file():
             rows += [{**head, **row} for row in load_metrics(run_dir)]
     metrics = pd.DataFrame(rows, columns=None if rows else ["run", "algorithm", "step"])
     return metrics, pd.DataFrame(summaries)

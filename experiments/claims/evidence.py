@@ -26,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent.parent)]
 
-from claims import BY_NAME, SEEDS, TUNE_SEED  # noqa: E402
+from claims import BY_NAME, SEEDS, TUNE_SEED, Arm, Claim  # noqa: E402
 from run import ROOT, Suite, _fmt  # noqa: E402
 
 LR, OUTER = "optimizer.lr", "algorithm.outer_optimizer.lr"
@@ -42,6 +42,11 @@ class Probe:
     arm: str
     points: list[dict[str, Any]]
     why: str
+
+    def target(self) -> tuple[Claim, Arm]:
+        """The claim and the arm this probe widens."""
+        claim = BY_NAME[self.claim]
+        return claim, next(a for a in claim.arms if a.label == self.arm)
 
 
 PROBES = [
@@ -94,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     suite = Suite(args.scale, results, Path(args.runs) / args.scale, threads, args.jobs == 1)
     rows, plan = [], []
     for probe in PROBES:
-        claim = BY_NAME[probe.claim]
-        arm = next(a for a in claim.arms if a.label == probe.arm)
+        claim, arm = probe.target()
         chosen = suite.chosen(claim, arm)
         if chosen is None:
             raise SystemExit(f"error: {probe.claim}: run the suite first (its tuning is missing)")
@@ -109,8 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     for n, (probe, points, jobs) in enumerate(plan):
         losses = [suite.loss(j) for j in jobs]
         if all(math.isfinite(x) for x in losses) and min(losses) < (1 - RESEED) * losses[0]:
-            claim = BY_NAME[probe.claim]
-            arm = next(a for a in claim.arms if a.label == probe.arm)
+            claim, arm = probe.target()
             best = points[losses.index(min(losses))]
             reseed[n] = (
                 [suite.job(claim, suite.arm_overrides(claim, arm, best, s), s) for s in SEEDS],
