@@ -3,6 +3,8 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
+# DeepSpeed (the dev extra, islands under ZeRO) installs without compiling its CUDA/C++ ops.
+export DS_BUILD_OPS ?= 0
 
 .PHONY: install install-dev train test lint
 

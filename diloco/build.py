@@ -5,6 +5,7 @@ each part that constrains others checks them here, in its own ``check``, with a 
 error naming the key. Order matters only where a part needs another:
 
     device -> communicator (joins the process group) -> corpus -> model -> worker group
+    (or, for a worker spanning ranks, :class:`diloco.islands.IslandGroup`)
     -> algorithm -> attack (Byzantine mask, poisoned samplers) -> validator -> exchange
     -> clock, sync policy, faults -> checks
 
@@ -30,6 +31,8 @@ from diloco.config import Config, ConfigError, build, build_optimizer
 from diloco.data import Corpus, ShardSampler, shard_indices
 from diloco.exchange.pipeline import ExchangePipeline
 from diloco.faults import Faults
+from diloco.island_engines import check_engine
+from diloco.islands import IslandGroup, check_islands
 from diloco.profiles import Profiles, worker_profiles
 from diloco.sync import Progress, SyncPolicy
 from diloco.workers import Batch, ExecutionError, WorkerGroup
@@ -100,12 +103,16 @@ _PROCESSES_HERE = ("LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT")
 
 def build_comm(cfg: Config) -> tuple[Communicator, torch.device]:
     """The communicator (joining the process group under ``comm=torchdist``) and the device."""
+    check_islands(cfg)  # before the process group is joined
+    check_engine(cfg)
     threads = torch_threads(cfg.workers.threads)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     log.info("torch threads: %d", threads)
     device = parse_device(cfg.device)
-    comm = build(cfg.comm, "comm", num_workers=cfg.workers.count, device=device)
+    r = cfg.workers.ranks_per_worker
+    extra = {"ranks_per_worker": r} if r > 1 else {}
+    comm = build(cfg.comm, "comm", num_workers=cfg.workers.count, device=device, **extra)
     if comm.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     return comm, device
@@ -117,10 +124,15 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
     check_memory(cfg, corpus.vocab_size, len(comm.local_ids), device)  # before any allocation
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, "model", vocab_size=corpus.vocab_size, block_size=cfg.data.seq_len)
+    inner = build_optimizer(cfg.optimizer, "optimizer")
     try:
-        group = WorkerGroup(
-            model.to(device), comm.local_ids, build_optimizer(cfg.optimizer, "optimizer"),
-            cfg.workers.execution, cfg.workers.precision, cfg.workers.compile,
+        group: Any = (
+            IslandGroup(model.to(device), comm, cfg, inner)
+            if cfg.workers.ranks_per_worker > 1
+            else WorkerGroup(
+                model.to(device), comm.local_ids, inner,
+                cfg.workers.execution, cfg.workers.precision, cfg.workers.compile,
+            )
         )  # fmt: skip
     except ExecutionError as err:
         raise ConfigError(f"workers.execution={cfg.workers.execution}", str(err)) from None

@@ -73,6 +73,19 @@ class WorkersConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     threads: int | None = field(default=None, metadata=_ge(1))
+    ranks_per_worker: int = field(default=1, metadata=_ge(1))  # R > 1: islands (torchdist)
+
+
+@dataclass
+class IslandConfig:
+    """Inside a worker that spans ``workers.ranks_per_worker`` ranks (:mod:`diloco.islands`).
+
+    ``engine`` runs the island's inner steps: torch DDP, FSDP2 (``fully_shard``), or DeepSpeed
+    ZeRO from the JSON file ``deepspeed_config`` (a path, or a name under ``conf/island/``).
+    """
+
+    engine: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    deepspeed_config: str | None = None
 
 
 @dataclass
@@ -140,6 +153,7 @@ class Config:
     device: str = "cpu"
     train: TrainConfig = field(default_factory=TrainConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    island: IslandConfig = field(default_factory=IslandConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

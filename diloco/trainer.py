@@ -63,7 +63,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.wall_s = 0.0
-        self.last_eval: float = float("nan")
+        self.last_eval: float = float("nan")  # NaN off the main process
+        self.evaluated = False  # the same on every process (an eval may be collective)
         self.ckpt_path = checkpoint.path_for(self.run_dir, self.comm.rank, self.comm.world_size)
         self._start = time.perf_counter()
 
@@ -196,28 +197,21 @@ class Trainer:
         self.progress.step = step
         self._end_round(row, step - before, logger, last)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss of the global model on the held-out batches.
+        """Mean loss of the global model on the held-out batches (NaN off the main process).
 
-        Only the main process evaluates (the global model is the same on every process);
-        the others return NaN.
+        The worker group evaluates (:meth:`diloco.workers.WorkerGroup.evaluate`): the global
+        model is the same on every process, so only the main one computes, unless the model
+        is sharded over an island's ranks, which then all take part.
         """
-        if not self.is_main:
-            return float("nan")
-        model = self.group.global_model
-        was_training = model.training
-        model.eval()
-        eval_set = self.parts.eval_set
-        total = sum(model(x, y)[1].item() * x.shape[0] for x, y in eval_set)
-        model.train(was_training)
-        return total / sum(x.shape[0] for x, _ in eval_set)
+        return self.group.evaluate(self.parts.eval_set, self.is_main)
 
     def _comm_metrics(self) -> dict[str, float]:
         out = {
             M.BYTES_SENT: self.comm.sent.mean().item(),
             M.BYTES_RECV: self.comm.recv.mean().item(),
         }
+        out.update(self.comm.metrics())
         if self.exchange.stats.excluded_total:
             out[M.EXCLUDED] = self.exchange.stats.excluded
         if self.exchange.validator is not None:
@@ -239,8 +233,9 @@ class Trainer:
             if plan is None:
                 break
             self._round(plan, logger)
-        if self.step == 0 or self.last_eval != self.last_eval:  # nothing run, or never evaluated
+        if self.step == 0 or not self.evaluated:  # nothing run, or never evaluated
             self.last_eval = self.evaluate()
+            self.evaluated = True
         return self.summary()
 
     def _end_round(self, row: dict[str, float], n: int, logger: M.Logger, last: bool) -> None:
@@ -254,6 +249,7 @@ class Trainer:
         row[M.WALL_S] = self.wall_s
         if self.step // tc.eval_every > (self.step - n) // tc.eval_every or last:
             self.last_eval = row[M.EVAL_LOSS] = self.evaluate()
+            self.evaluated = True
         h = self.algorithm.inner_steps
         if self.step % tc.log_every == 0 or h >= tc.log_every or M.EVAL_LOSS in row or last:
             logger.log(row, self.step)
@@ -284,6 +280,8 @@ class Trainer:
             "torch_threads": torch.get_num_threads(),
             **self.clock.summary(),
             **(validator.summary() if validator is not None else {}),
+            **self.comm.summary(),  # islands: bytes per worker over its ranks, per rank
+            **self.group.summary(),
         }
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -298,6 +296,7 @@ class Trainer:
             "wall_s": self.wall_s,
             "clock": self.clock.state_dict(),
             "last_eval": self.last_eval,
+            "evaluated": self.evaluated,
             "group": self.group.state_dict(),
             "algorithm": self.algorithm.state_dict(),
             "comm": self.comm.state_dict(),
@@ -322,6 +321,7 @@ class Trainer:
         self.wall_s = state["wall_s"]
         self.clock.load_state_dict(state["clock"])
         self.last_eval = state["last_eval"]
+        self.evaluated = state.get("evaluated", state["last_eval"] == state["last_eval"])
         try:
             self.group.load_state_dict(state["group"])
         except ValueError as err:  # the checkpoint's inner optimizer has the other form

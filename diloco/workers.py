@@ -215,6 +215,22 @@ class WorkerGroup:
                 g.index_copy_(0, index, grad)
         return losses.detach().float()
 
+    @torch.no_grad()
+    def summary(self) -> dict[str, Any]:
+        """Nothing of its own for ``summary.json`` (islands report their engine)."""
+        return {}
+
+    def evaluate(self, eval_set: Sequence[Batch], is_main: bool) -> float:
+        """Mean loss of the global model on ``eval_set`` (the main process; others: NaN)."""
+        if not is_main:
+            return float("nan")
+        model = self.global_model
+        was_training = model.training
+        model.eval()
+        total = sum(model(x, y)[1].item() * x.shape[0] for x, y in eval_set)
+        model.train(was_training)
+        return total / sum(x.shape[0] for x, _ in eval_set)
+
     def clip_grads(self, max_norm: float) -> torch.Tensor:
         """Clip each worker's whole gradient to ``max_norm`` (0: no clipping); returns norms.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -98,6 +98,14 @@ class Communicator(Protocol):
 
     def close(self) -> None:
         """Leave the process group, if any."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Transport metrics logged each round beyond the workers' bytes (e.g. intra-island)."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """Summary fields this transport adds to, or sets in, ``summary.json``."""
         ...
 
     def drain(self) -> list[Collective]:

@@ -10,7 +10,7 @@ import torch
 
 from diloco.comm.base import Collective, CommConfig
 from diloco.comm.topology import TOPOLOGIES, Topology
-from diloco.config import configure
+from diloco.config import ConfigError, configure
 
 
 class InProcessComm:
@@ -31,8 +31,19 @@ class InProcessComm:
     world_size = 1
 
     def __init__(
-        self, cfg: CommConfig | None = None, *, num_workers: int, device: Any = None, **kwargs: Any
+        self,
+        cfg: CommConfig | None = None,
+        *,
+        num_workers: int,
+        device: Any = None,
+        ranks_per_worker: int = 1,
+        **kwargs: Any,
     ) -> None:
+        if ranks_per_worker != 1 and type(self) is InProcessComm:
+            raise ConfigError(
+                f"workers.ranks_per_worker={ranks_per_worker}",
+                "a worker spans several ranks only under comm=torchdist (torchrun)",
+            )
         self.cfg = configure(CommConfig, cfg, kwargs, "comm")
         self.num_workers = num_workers
         self.local_ids: list[int] = list(range(num_workers))
@@ -111,6 +122,14 @@ class InProcessComm:
 
     def close(self) -> None:
         """Nothing to leave."""
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics of this transport beyond the workers' bytes (none here)."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """Summary fields of this transport, over those the trainer writes (none here)."""
+        return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Byte counters, for checkpoints."""

@@ -42,12 +42,14 @@ class CommError(RuntimeError):
 
 @dataclass(frozen=True)
 class Placement:
-    """Which workers each rank hosts: contiguous blocks, the first ``K % N`` ranks one more.
+    """Which workers each rank hosts.
 
-    A worker is one rank today (``ranks_per_worker = 1``). A worker spanning several ranks
-    (a ZeRO or FSDP island inside a node, DiLoCo across islands) maps ``ranks_per_worker``
-    consecutive ranks to one block of workers; those ranks would shard the block's replicas
-    among themselves and one of them takes part in the cross-worker exchange.
+    With ``ranks_per_worker = 1``: contiguous blocks, the first ``K % N`` ranks one more.
+    With ``ranks_per_worker = R > 1`` (islands, :mod:`diloco.islands`): ``R`` consecutive
+    ranks form an island that is one worker, so ``N / R`` islands, worker ``i`` on ranks
+    ``i R .. i R + R - 1``. Each of those ranks holds a shard of the worker and exchanges it
+    with the ranks holding the same shard in the other islands (its cross group), so seen
+    from a cross group every island is one rank hosting one worker.
     """
 
     num_workers: int
@@ -55,22 +57,38 @@ class Placement:
     ranks_per_worker: int = 1
 
     def __post_init__(self) -> None:
-        if self.ranks_per_worker != 1:
-            raise NotImplementedError("a worker spanning several ranks is not supported yet")
-        if self.num_workers < self.world_size:
+        r, n, k = self.ranks_per_worker, self.world_size, self.num_workers
+        if r > 1 and n % r:
             raise ConfigError(
-                f"workers.count={self.num_workers}",
-                f"fewer workers than ranks ({self.world_size}); each rank hosts at least one",
+                f"workers.ranks_per_worker={r}", f"{n} ranks do not split into islands of {r}"
+            )
+        if r > 1 and k != n // r:
+            raise ConfigError(
+                f"workers.count={k}",
+                f"{n} ranks in islands of {r} (workers.ranks_per_worker) make {n // r} "
+                f"workers, one per island: set workers.count={n // r}",
+            )
+        if k < n // r:
+            raise ConfigError(
+                f"workers.count={k}",
+                f"fewer workers than ranks ({n}); each rank hosts at least one",
             )
 
     @property
+    def group_size(self) -> int:
+        """Ranks in one exchange group: all of them, or one per island."""
+        return self.world_size // self.ranks_per_worker
+
+    @property
     def counts(self) -> list[int]:
-        """Workers per rank."""
-        base, extra = divmod(self.num_workers, self.world_size)
-        return [base + (r < extra) for r in range(self.world_size)]
+        """Workers per rank of the exchange group."""
+        base, extra = divmod(self.num_workers, self.group_size)
+        return [base + (r < extra) for r in range(self.group_size)]
 
     def workers_of(self, rank: int) -> list[int]:
-        """Global ids of the workers hosted by ``rank``."""
+        """Global ids of the workers hosted by (global) ``rank``."""
+        if self.ranks_per_worker > 1:
+            return [rank // self.ranks_per_worker]
         counts = self.counts
         start = sum(counts[:rank])
         return list(range(start, start + counts[rank]))
@@ -145,10 +163,22 @@ class TorchDistComm(InProcessComm):
         num_workers: K, all workers of the run.
         device: this rank's device (NCCL needs its GPU); joins the process group when no
             group is initialized yet.
+        ranks_per_worker: R; above 1 the ranks form islands (:class:`Placement`): a
+            ``(K, R)`` device mesh whose ``intra`` groups are the islands and whose ``cross``
+            groups join the ranks holding the same shard. The workers' collectives run over
+            this rank's cross group, so :attr:`sent` and :attr:`recv` count this rank's bytes
+            (its shard); intra-island traffic is counted apart (:meth:`count_intra`), and
+            :meth:`summary` adds both up over the islands.
     """
 
     def __init__(
-        self, cfg: CommConfig | None = None, *, num_workers: int, device: Any = None, **kwargs: Any
+        self,
+        cfg: CommConfig | None = None,
+        *,
+        num_workers: int,
+        device: Any = None,
+        ranks_per_worker: int = 1,
+        **kwargs: Any,
     ) -> None:
         super().__init__(cfg, num_workers=num_workers, **kwargs)
         timeout_s = self.cfg.timeout_s
@@ -158,7 +188,7 @@ class TorchDistComm(InProcessComm):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         try:
-            self.placement = Placement(num_workers, self.world_size)
+            self.placement = Placement(num_workers, self.world_size, ranks_per_worker)
         except BaseException:
             self.close()  # a bad placement must not leave the process group joined
             raise
@@ -166,6 +196,58 @@ class TorchDistComm(InProcessComm):
         self.timeout_s = timeout_s
         self.calls = 0
         self.device = _collective_device()
+        self.ranks_per_worker = ranks_per_worker
+        self.mesh: Any = None
+        self.cross: Any = None  # the workers' exchange group (None: every rank)
+        self.intra = torch.zeros(1, dtype=torch.float64)  # this rank's intra-island bytes
+        if ranks_per_worker > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            kind = "cuda" if self.device is not None else "cpu"
+            shape = (self.placement.group_size, ranks_per_worker)
+            self.mesh = init_device_mesh(kind, shape, mesh_dim_names=("cross", "intra"))
+            self.cross = self.mesh.get_group("cross")
+
+    @property
+    def member(self) -> int:
+        """This rank's place in its island (its shard index)."""
+        return self.rank % self.ranks_per_worker
+
+    def count_intra(self, nbytes: float) -> None:
+        """Add ``nbytes`` sent by this rank inside its island (gradient sync, gathers)."""
+        self.intra += nbytes
+
+    def metrics(self) -> dict[str, float]:
+        """``comm/intra_bytes``: this rank's intra-island bytes so far (islands only)."""
+        return {"comm/intra_bytes": self.intra.item()} if self.ranks_per_worker > 1 else {}
+
+    def summary(self) -> dict[str, Any]:
+        """Islands: bytes per worker (its ranks' shards together), per rank, intra-island.
+
+        ``comm_bytes_per_worker`` is then what the simulated run of the same workers counts
+        (one whole pseudo-gradient per worker), ``comm_bytes_per_rank`` a rank's part of it.
+        """
+        r = self.ranks_per_worker
+        if r == 1:
+            return {}
+        mine = torch.stack([self.sent.mean(), self.intra[0]])
+        total_sent, total_intra = self.all_reduce_sum(mine).tolist()  # over every rank
+        return {
+            "ranks_per_worker": r,
+            "comm_bytes_per_worker": total_sent / self.placement.group_size,
+            "comm_bytes_per_rank": total_sent / self.world_size,
+            "comm_bytes_total": total_sent,
+            "comm_intra_bytes_per_rank": total_intra / self.world_size,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Byte counters (and the intra-island one), for checkpoints."""
+        return {**super().state_dict(), "intra": self.intra.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore byte counters."""
+        super().load_state_dict(state)
+        self.intra.copy_(state.get("intra", torch.zeros(1, dtype=torch.float64)))
 
     def _run(self, what: str, fn: object) -> None:
         self.calls += 1
@@ -181,7 +263,7 @@ class TorchDistComm(InProcessComm):
 
     def _sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
         total = rows.sum(0)
-        self._run("all_reduce", lambda: dist.all_reduce(total))
+        self._run("all_reduce", lambda: dist.all_reduce(total, group=self.cross))
         return total
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -214,8 +296,8 @@ class TorchDistComm(InProcessComm):
         counts = self.placement.counts
         buf = torch.zeros(max(counts), sum(widths), dtype=torch.uint8, device=parts[0].device)
         buf[:k] = torch.cat(cols, 1)
-        out = [torch.empty_like(buf) for _ in range(self.world_size)]
-        self._run("all_gather", lambda: dist.all_gather(out, buf))
+        out = [torch.empty_like(buf) for _ in range(self.placement.group_size)]
+        self._run("all_gather", lambda: dist.all_gather(out, buf, group=self.cross))
         rows = torch.cat([o[:c] for o, c in zip(out, counts, strict=True)])
         result, start = [], 0
         for p, w in zip(parts, widths, strict=True):
