@@ -221,23 +221,30 @@ def test_killed_rank_restarts_from_checkpoint_and_ends_equal(corpus, tmp_path):
     extra = ("workers.count=2", "algorithm.inner_steps=2", "train.steps=400", "checkpoint.every=1")
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(tiny(full, corpus, *extra), nproc=2)
+    kill_a_rank_and_resume(tiny(killed, corpus, *extra, "resume=true"), killed, 2, victim=1)
+    assert_same(full, killed)
+
+
+def kill_a_rank_and_resume(args: list[str], run_dir: Path, nproc: int, victim: int) -> None:
+    """Run under ``torchrun --max-restarts 1``; SIGKILL rank ``victim`` once every rank has
+    saved twice; assert the run restarted from its checkpoint and finished."""
     proc = launch(
-        tiny(killed, corpus, *extra, "resume=true"),
-        nproc=2,
+        args,
+        nproc=nproc,
         torchrun=["--max-restarts", "1", "--monitor-interval", "0.2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoint-rank1.pt.prev").exists() and time.monotonic() < deadline:
+    saved = run_dir / f"checkpoint-rank{nproc - 1}.pt.prev"
+    deadline = time.monotonic() + 150
+    while not saved.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     ranks = _rank_pids(proc.pid)
-    assert len(ranks) == 2, ranks
-    os.kill(ranks[-1], signal.SIGKILL)
-    code, err = finish(proc)
+    assert len(ranks) == nproc, ranks
+    os.kill(ranks[victim], signal.SIGKILL)
+    code, err = finish(proc, timeout=240)
     assert code == 0, err
-    assert "resumed from" in (killed / "train.log").read_text()
-    assert_same(full, killed)
+    assert "resumed from" in (run_dir / "train.log").read_text()
 
 
 def _rank_pids(parent: int) -> list[int]:

@@ -110,6 +110,17 @@ def test_train_sbatch_rendezvous_all_reduce(slurm_cluster, tmp_path):
     assert sorted(r["env"]["SLURM_NODEID"] for r in records) == ["0", "0", "1", "1"]
 
 
+def _simulated(run_dir: Path) -> dict:
+    """The 2-worker ``TINY_TRAIN`` run in one process: its ``summary.json``."""
+    out = subprocess.run(
+        [sys.executable, "-m", "diloco.train", *TINY_TRAIN, "workers.count=2",
+         f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env={**os.environ, **JOB_ENV}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 def test_train_sbatch_trains_across_two_nodes(slurm_cluster, tmp_path):
     """slurm/train.sbatch end to end: 2 nodes x 1 process, comm=torchdist."""
     run_dir = tmp_path / "run"
@@ -127,14 +138,7 @@ def test_train_sbatch_trains_across_two_nodes(slurm_cluster, tmp_path):
     assert math.isfinite(summary["final_eval_loss"]), summary
     assert summary["workers"] == 2
     # the same config simulated in one process gives the same model
-    sim = tmp_path / "sim"
-    out = subprocess.run(
-        [sys.executable, "-m", "diloco.train", *TINY_TRAIN, "workers.count=2",
-         f"hydra.run.dir={sim}"],
-        cwd=REPO, env={**os.environ, **JOB_ENV}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    expected = json.loads((sim / "summary.json").read_text())["final_eval_loss"]
+    expected = _simulated(tmp_path / "sim")["final_eval_loss"]
     assert summary["final_eval_loss"] == pytest.approx(expected, abs=1e-6)
 
 
@@ -274,3 +278,24 @@ def test_train_sbatch_requeued_job_ends_equal_to_an_uninterrupted_job(slurm_clus
         assert want["step"] == got["step"] == steps
         assert torch.equal(want["group"]["global"], got["group"]["global"])
         assert torch.equal(want["group"]["params"], got["group"]["params"])
+
+
+def test_train_sbatch_runs_one_island_per_node(slurm_cluster, tmp_path):
+    """2 nodes x 2 processes, an FSDP island per node: the simulated 2-worker run's model."""
+    run_dir, sim = tmp_path / "run", tmp_path / "sim"
+    island = ("workers.count=2", "workers.ranks_per_worker=2", "island=fsdp")
+    state, log = _submit_template(
+        slurm_cluster,
+        tmp_path,
+        *TINY_TRAIN,
+        *island,
+        RDZV_HOST="127.0.0.1",
+        NPROC_PER_NODE="2",
+        RUN_DIR=str(run_dir),
+    )
+    assert state == "COMPLETED", _read(log)[-5000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ranks_per_worker"] == 2 and summary["workers"] == 2
+    expected = _simulated(sim)
+    assert summary["final_eval_loss"] == pytest.approx(expected["final_eval_loss"], abs=1e-5)
+    assert summary["comm_bytes_per_rank"] == expected["comm_bytes_per_worker"] / 2
