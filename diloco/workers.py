@@ -215,11 +215,11 @@ class WorkerGroup:
                 g.index_copy_(0, index, grad)
         return losses.detach().float()
 
-    @torch.no_grad()
     def summary(self) -> dict[str, Any]:
         """Nothing of its own for ``summary.json`` (islands report their engine)."""
         return {}
 
+    @torch.no_grad()
     def evaluate(self, eval_set: Sequence[Batch], is_main: bool) -> float:
         """Mean loss of the global model on ``eval_set`` (the main process; others: NaN)."""
         if not is_main:

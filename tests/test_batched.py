@@ -307,3 +307,15 @@ def test_compiled_batched_step_equals_the_eager_one(tmp_path):
     cfg = make_config(*common, "workers.compile=true", "workers.execution=loop")
     with pytest.raises(ConfigError, match="workers.compile=true compiles the batched step"):
         Trainer.from_config(cfg, tmp_path / "loop", synthetic_corpus())
+
+
+def test_evaluation_builds_no_autograd_graph():
+    """The eval forward runs under no_grad (a graph per eval batch costs memory and time)."""
+    model = TinyMLP(vocab_size=16, block_size=8)
+    group = WorkerGroup(model, range(2), partial(torch.optim.AdamW, lr=1e-3), "loop")
+    seen: list[bool] = []
+    group.global_model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    x = torch.randint(0, 16, (4, 8))
+    loss = group.evaluate([(x, x)], is_main=True)
+    assert loss == loss and seen == [False]
+    assert group.evaluate([(x, x)], is_main=False) != group.evaluate([(x, x)], is_main=False)
