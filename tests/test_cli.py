@@ -250,10 +250,14 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus_dir, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        # two metrics lines (every 10 steps) mean a checkpoint (every 4) past the first line
+        # exists: killing right after the first checkpoint (step 4) left nothing to compare
+        metrics, deadline = killed / "metrics.jsonl", time.monotonic() + 120
+        while time.monotonic() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+        ):
             time.sleep(0.02)
-        time.sleep(0.3)
+        time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
