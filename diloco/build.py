@@ -101,8 +101,11 @@ def _cores() -> int:
 _PROCESSES_HERE = ("LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT")
 
 
-def build_comm(cfg: Config) -> tuple[Communicator, torch.device]:
-    """The communicator (joining the process group under ``comm=torchdist``) and the device."""
+def build_comm(cfg: Config, **extra: Any) -> tuple[Communicator, torch.device]:
+    """The communicator (joining the process group under ``comm=torchdist``) and the device.
+
+    ``extra``: arguments of the communicator beyond its config (a bucket peer's id).
+    """
     check_islands(cfg)  # before the process group is joined
     check_engine(cfg)
     threads = torch_threads(cfg.workers.threads)
@@ -111,7 +114,8 @@ def build_comm(cfg: Config) -> tuple[Communicator, torch.device]:
     log.info("torch threads: %d", threads)
     device = parse_device(cfg.device)
     r = cfg.workers.ranks_per_worker
-    extra = {"ranks_per_worker": r} if r > 1 else {}
+    if r > 1:
+        extra["ranks_per_worker"] = r
     comm = build(cfg.comm, "comm", num_workers=cfg.workers.count, device=device, **extra)
     if comm.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())

@@ -15,7 +15,8 @@ then Hydra's compose API, returning the config without its ``hydra`` node.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,13 @@ def compose(
     OmegaConf.set_struct(node, False)
     node.pop("hydra", None)
     return node
+
+
+def run_cli(hydra_main: Callable[[], Any], config_name: str = "config") -> None:
+    """Check the command line's overrides (one-line error, exit 2), then run the Hydra app."""
+    try:
+        check_overrides(sys.argv[1:], config_name)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()

@@ -10,18 +10,21 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from diloco import metrics as M
 from diloco.build import build_comm, build_parts
+from diloco.comm.base import Communicator
 from diloco.comm.torchdist import CommError
-from diloco.compose import CONF_DIR, check_overrides
-from diloco.config import ConfigError, parse
+from diloco.compose import CONF_DIR, run_cli
+from diloco.config import Config, ConfigError, parse
 from diloco.data import DataError, load_corpus
 from diloco.trainer import Trainer
 
@@ -39,40 +42,44 @@ def git_sha() -> str:
         return "unknown"
 
 
-def _loggers(
+def loggers(
     trainer: Trainer, resolved: dict[str, Any], overrides: list[str], resumed: bool
 ) -> M.MultiLogger:
+    """The run's loggers: metrics.jsonl, the progress bar and W&B, on the main process."""
     cfg = trainer.cfg
     run_dir = trainer.run_dir
     if not trainer.is_main:  # rank 0 logs for the whole run
         return M.MultiLogger([])
-    loggers: list[M.Logger] = [
+    out: list[M.Logger] = [
         M.JsonlLogger(run_dir / "metrics.jsonl", trainer.step if resumed else None),
         M.ProgressLogger(cfg.train.steps, trainer.step, cfg.logger.progress),
     ]
     if cfg.logger.mode != "disabled":
         run_config = {**resolved, "git_sha": git_sha(), "overrides": overrides}
-        loggers.append(M.WandbLogger(run_dir, cfg.logger, run_config))
-    return M.MultiLogger(loggers)
+        out.append(M.WandbLogger(run_dir, cfg.logger, run_config))
+    return M.MultiLogger(out)
 
 
-def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Validate ``node``, build the run's parts, train, and write ``summary.json``.
+Start = Callable[[Communicator, torch.device, Path], tuple[Trainer, bool]]
+"""``start(comm, device, run_dir)``: the trainer, and whether it continues an earlier run."""
 
-    With ``comm=torchdist`` every rank calls this; building the communicator joins the
-    process group, every rank uses rank 0's ``run_dir``, and rank 0 alone logs and writes
-    the summary.
+
+def execute(
+    resolved: dict[str, Any], cfg: Config, run_dir: Path, overrides: list[str], start: Start,
+    **comm_args: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Build the transport, ``start`` the trainer, fit with the run's loggers, write the summary.
+
+    ``comm_args`` go to the communicator (a bucket peer's id). The main process writes
+    ``summary.json``; the transport is left whatever happens.
     """
-    resolved: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
-    cfg = parse(resolved)
     mode = M.wandb_mode(cfg.logger.mode)  # online: credentials checked here
     cfg.logger.mode = resolved["logger"]["mode"] = mode  # type: ignore[assignment]
-    comm, device = build_comm(cfg)
+    comm, device = build_comm(cfg, **comm_args)
     try:
         run_dir = comm.shared_path(run_dir)
-        trainer = Trainer(build_parts(cfg, comm, device, load_corpus(cfg.data)), run_dir)
-        resumed = cfg.resume and trainer.maybe_resume()
-        logger = _loggers(trainer, resolved, list(overrides or []), resumed)
+        trainer, resumed = start(comm, device, run_dir)
+        logger = loggers(trainer, resolved, overrides, resumed)
         try:
             summary = trainer.fit(logger)
         finally:
@@ -84,6 +91,23 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("summary (%s)\n%s", run_dir, M.format_table([summary], M.SUMMARY_COLUMNS))
     return summary
+
+
+def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Validate ``node``, build the run's parts, train, and write ``summary.json``.
+
+    With ``comm=torchdist`` every rank calls this; building the communicator joins the
+    process group, every rank uses rank 0's ``run_dir``, and rank 0 alone logs and writes
+    the summary.
+    """
+    resolved: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+    cfg = parse(resolved)
+
+    def start(comm: Communicator, device: torch.device, run_dir: Path) -> tuple[Trainer, bool]:
+        trainer = Trainer(build_parts(cfg, comm, device, load_corpus(cfg.data)), run_dir)
+        return trainer, cfg.resume and trainer.maybe_resume()
+
+    return execute(resolved, cfg, run_dir, list(overrides or []), start)
 
 
 def sweep_group(sweep_dir: str) -> str:
@@ -114,12 +138,7 @@ def _hydra_main(node: DictConfig) -> float:
 
 def main() -> None:
     """Console entry point."""
-    try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+    run_cli(_hydra_main)
 
 
 if __name__ == "__main__":

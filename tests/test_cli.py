@@ -30,17 +30,6 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240):
     )
 
 
-@pytest.fixture
-def corpus_dir(tmp_path: Path) -> Path:
-    """A small text corpus: enough for a few hundred steps of a tiny GPT."""
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(4):
-        lines = [f"line {j} of document {i}: the quick brown fox jumps." for j in range(400)]
-        (folder / f"doc{i}.txt").write_text("\n".join(lines))
-    return folder
-
-
 def small_run(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     sizes = ("data.seq_len=32", "model.n_embd=32", "train.batch_size=4", "train.eval_every=40")
     return text_run(corpus_dir, run_dir, *sizes, *extra)

@@ -1,7 +1,9 @@
 """Communication: collectives and placement, with every byte and modelled second counted.
 
 Communicators are built from ``conf/comm/`` by ``_target_``: :class:`InProcessComm` (all K
-workers in this process) or :class:`diloco.comm.torchdist.TorchDistComm` (K/N per rank).
+workers in this process), :class:`diloco.comm.torchdist.TorchDistComm` (K/N per rank) or
+:class:`diloco.comm.bucket.BucketComm` (one peer per process, exchanging through an object
+store, :mod:`diloco.peer`).
 """
 
 from diloco.comm.base import Collective, CommConfig, Communicator

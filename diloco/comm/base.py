@@ -60,6 +60,9 @@ class Communicator(Protocol):
     world_size: int
     sent: torch.Tensor
     recv: torch.Tensor
+    trusted: bool  # False: rows come from untrusted peers and may be missing
+    received: torch.Tensor | None  # [K] rows that arrived in the last gather (None: all)
+    rejected: dict[int, str]  # rows the transport excluded in the last gather, with reasons
 
     def all_reduce_mean(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
         """Mean over all workers of ``rows`` ``[K_local, ...]`` -> ``[...]``.

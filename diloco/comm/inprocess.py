@@ -29,6 +29,9 @@ class InProcessComm:
     Config = CommConfig
     rank = 0
     world_size = 1
+    trusted = True  # every row arrives, intact: a plain mean may be an all-reduce
+    received: torch.Tensor | None = None  # [K] rows that arrived in the last gather (None: all)
+    rejected: dict[int, str] = {}  # rows excluded by the transport (untrusted ones set it)
 
     def __init__(
         self,
@@ -44,7 +47,7 @@ class InProcessComm:
                 f"workers.ranks_per_worker={ranks_per_worker}",
                 "a worker spans several ranks only under comm=torchdist (torchrun)",
             )
-        self.cfg = configure(CommConfig, cfg, kwargs, "comm")
+        self.cfg = configure(type(self).Config, cfg, kwargs, "comm")
         self.num_workers = num_workers
         self.local_ids: list[int] = list(range(num_workers))
         self.reduce_topology, self.gather_topology = TOPOLOGIES[self.cfg.topology]

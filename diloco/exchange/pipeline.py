@@ -77,6 +77,32 @@ def _push_encoded(comm: Communicator, enc: Encoded, senders: Sequence[int]) -> E
     return Encoded(enc.shape, **dict(zip(names, parts, strict=True)))
 
 
+def decode_rows(
+    codec: Codec, enc: Encoded, received: torch.Tensor | None
+) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    """Decode each received row of ``enc`` on its own: untrusted rows, some absent.
+
+    Returns one fp32 row or None per worker, and a reason per row that is None: ``""`` for
+    a row that did not arrive (absent, not excluded), else why it did not decode (e.g.
+    bit-packed indices past the payload).
+    """
+    names = [n for n in ("values", "indices", "scales") if getattr(enc, n) is not None]
+    rows: list[torch.Tensor | None] = []
+    why: dict[int, str] = {}
+    for i in range(enc.shape[0]):
+        if received is not None and not bool(received[i]):
+            rows.append(None)
+            why[i] = ""
+            continue
+        one = Encoded((1, enc.shape[1]), **{n: getattr(enc, n)[i : i + 1] for n in names})
+        try:
+            rows.append(codec.decode(one)[0].float())
+        except Exception as err:  # untrusted input must never crash the round
+            rows.append(None)
+            why[i] = f"worker {i}: does not decode ({type(err).__name__})"
+    return rows, why
+
+
 @dataclass
 class ExchangeStats:
     """What the last exchange did: rows excluded, bytes of a forged payload."""
@@ -208,20 +234,27 @@ class ExchangePipeline:
             enc = codec.encode(rows)
         nbytes = enc.nbytes_per_worker()
         plain = attack is None and self.validator is None and self.plain_mean
-        if all_reduces(codec, plain):
+        if self.comm.trusted and all_reduces(codec, plain):
             sent = codec.decode(enc)
             if weights is not None:  # the weighted mean as a mean of rescaled rows
                 scale = weights * len(weights) / weights.sum()
                 sent = sent * scale[self.comm.local_ids].to(sent)[:, None]
             return self.comm.all_reduce_mean(sent, nbytes=nbytes)
-        sent = codec.decode(gather_encoded(self.comm, enc, nbytes))  # [K, P], every worker
+        gathered_enc = gather_encoded(self.comm, enc, nbytes)
         round_ = self.round_of()
-        payloads: list[Any] = list(sent)
-        if attack is not None:
-            payloads = self._forge(parts, sent, round_)
+        if self.comm.trusted:
+            sent = codec.decode(gathered_enc)  # [K, P], every worker
+            payloads: list[Any] = list(sent)
+            if attack is not None:
+                payloads = self._forge(parts, sent, round_)
+            absent: dict[int, str] = {}
+        else:  # peers' rows: some absent, each decoded alone (a bad one must not fail all)
+            payloads, absent = decode_rows(codec, gathered_enc, self.comm.received)
         ok, reasons = validate_payloads(
-            payloads, shape=tuple(rows.shape[1:]), dtype=sent.dtype, max_abs=self.max_abs
+            payloads, shape=tuple(rows.shape[1:]), dtype=torch.float32, max_abs=self.max_abs
         )
+        reasons = {i: absent.get(i, r) for i, r in reasons.items() if absent.get(i) != ""}
+        reasons.update(self.comm.rejected)
         self.stats.excluded = len(reasons)
         self.stats.excluded_total += len(reasons)
         for reason in reasons.values():
@@ -286,4 +319,4 @@ class ExchangePipeline:
             self.validator.load_state_dict(state["validator"])
 
 
-__all__ = ["ExchangePipeline", "ExchangeStats", "all_reduces", "gather_encoded"]
+__all__ = ["ExchangePipeline", "ExchangeStats", "all_reduces", "decode_rows", "gather_encoded"]

@@ -1,0 +1,342 @@
+"""Exchange through an object store: permissionless peers that post and gather, Templar-style.
+
+No peer waits on a collective. For each exchange of round ``r`` a peer (one process, one
+worker, started on its own: :mod:`diloco.peer`) puts its encoded payload as one safetensors
+object at ``<run_id>/<r>/<peer>`` and gathers the objects present when the window closes:
+
+- the window closes when every *expected* peer has posted, when ``quorum`` peers have (if
+  set), or ``deadline_s`` after this peer posted (``join_deadline_s`` in the first round it
+  takes part in, while the others start up), whichever comes first. Expected: every peer,
+  except those that announced a later first round (``<run_id>/join/<peer>``) and those that
+  missed this peer's previous window (a dead peer costs one deadline, not one per round);
+- every object is untrusted (:func:`read_payload`): size limit, safetensors header,
+  metadata (peer, round), tensor names, dtypes and shapes equal to this peer's own, finite
+  floats; the same tensors as an object posted earlier this round (a copy) or in an earlier
+  round (stale) are excluded too. Exclusions carry a one-line reason (:attr:`rejected`);
+  index ranges and magnitudes are checked after decoding by the exchange
+  (:mod:`diloco.exchange.pipeline`, which decodes each received row on its own);
+- the model after each round is posted as a global checkpoint
+  (``<run_id>/global/<r>/<peer>``, safetensors: parameters, the algorithm's state and the
+  step, see :func:`pack_state`) by the lowest-id peer among those it aggregated, so that a
+  late or restarted peer can catch up (:meth:`BucketComm.latest_global`).
+
+Bytes are the sizes of the objects put and got (this peer's, :attr:`sent` / :attr:`recv`);
+modelled time charges an object-store gather of that size; wall time is measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from diloco.comm.base import Collective, CommConfig
+from diloco.comm.inprocess import InProcessComm
+from diloco.comm.objects import pack, read_payload, tensor_digest, unpack
+from diloco.comm.stores import StoreError, open_store
+from diloco.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BucketConfig(CommConfig):
+    """Where the objects go, and when a window closes."""
+
+    topology: Literal["ring", "butterfly", "parameter_server", "object_store"] = "object_store"
+    store: str = "file://runs/store"  # file:///path, a plain path, or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3-compatible servers other than AWS
+    run_id: str = "run"  # the run's prefix in the store; peers of one run share it
+    deadline_s: float = field(default=30.0, metadata={"gt": 0.0})
+    join_deadline_s: float = field(default=120.0, metadata={"gt": 0.0})
+    quorum: int = field(default=0, metadata={"ge": 0})  # 0: wait for every expected peer
+    poll_s: float = field(default=0.05, metadata={"gt": 0.0})
+    store_timeout_s: float = field(default=5.0, metadata={"gt": 0.0})  # one store request
+    checkpoint_every: int = field(default=1, metadata={"ge": 1})  # rounds between globals
+
+
+class BucketComm(InProcessComm):
+    """This peer's exchanges through the store (see the module docstring).
+
+    Args:
+        cfg: :class:`BucketConfig`.
+        num_workers: K, the peers of the run (ids ``0..K-1``).
+        peer: this process's worker id.
+    """
+
+    Config = BucketConfig
+    trusted = False  # rows come from peers: excluded rows are reported in :attr:`rejected`
+
+    def __init__(
+        self, cfg: BucketConfig | None = None, *, num_workers: int, peer: int = 0, **kwargs: Any
+    ) -> None:
+        super().__init__(cfg, num_workers=num_workers, **kwargs)
+        if not 0 <= peer < num_workers:
+            raise ConfigError(f"worker.id={peer}", f"must be in [0, {num_workers})")
+        c: BucketConfig = self.cfg  # type: ignore[assignment]
+        self.peer = peer
+        self.local_ids = [peer]
+        self.sent = torch.zeros(1, dtype=torch.float64)  # this peer's bytes put
+        self.recv = torch.zeros(1, dtype=torch.float64)  # and got
+        try:
+            self.store = open_store(c.store, c.endpoint_url, c.store_timeout_s)
+        except ValueError as err:
+            raise ConfigError(f"comm.store={c.store}", str(err)) from None
+        try:
+            self.store.check()
+        except StoreError as err:
+            raise ConfigError(f"comm.store={c.store}", str(err)) from None
+        self.run = c.run_id.strip("/")
+        self.round_of: Callable[[], int] = lambda: 0
+        self.outgoing: Callable[[bytes, str], bytes | None] | None = None  # a peer's behaviour
+        self.received: torch.Tensor | None = None
+        self.rejected: dict[int, str] = {}
+        self.missed: set[int] = set()
+        self.first = True
+        self._calls: tuple[int, int] = (-1, 0)  # (round, exchanges so far in it)
+        self._seen: dict[str, str] = {}  # digest -> "round/peer" of recent objects
+        self.skipped = 0  # windows in which the store failed this peer
+        self.excluded: dict[str, int] = {}  # reason kind -> count, for the summary
+        self._announced: dict[int, tuple[float, int]] = {}  # peer -> (mtime, first round)
+        self.checkpoint_bytes = 0  # global models put (not payload traffic)
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def _round_key(self) -> str:
+        r = self.round_of()
+        last, n = self._calls
+        n = n + 1 if last == r else 0
+        self._calls = (r, n)
+        return str(r) if n == 0 else f"{r}-{n}"
+
+    def announce(self, first_round: int) -> None:
+        """Tell the others the first round this peer will post in."""
+        self.store.put(f"{self.run}/join/{self.peer}", str(first_round).encode())
+
+    def _joins(self) -> dict[int, int]:
+        """Each peer's announced first round (one listing; an object is read when it changes)."""
+        for info in self._list(f"{self.run}/join/"):
+            name = info.key.rsplit("/", 1)[-1]
+            if not name.isdigit() or self._announced.get(int(name), (None,))[0] == info.mtime:
+                continue
+            data = self._get(info.key, 32)
+            if data is not None and data.strip().isdigit():
+                self._announced[int(name)] = (info.mtime, int(data))
+        return {p: r for p, (_, r) in self._announced.items()}
+
+    def _expected(self, joins: dict[int, int], r: int) -> set[int]:
+        """The peers this window waits for: joined by round ``r``, not missing since."""
+        out = set()
+        for p in range(self.num_workers):
+            first = joins.get(p, 0)
+            if p != self.peer and first <= r and not (p in self.missed and first < r):
+                out.add(p)
+        return out
+
+    def _list(self, prefix: str) -> list[Any]:
+        try:
+            return self.store.list(prefix)
+        except StoreError as err:
+            log.warning("store: %s", err)
+            return []
+
+    def _get(self, key: str, max_bytes: int) -> bytes | None:
+        try:
+            return self.store.get(key, max_bytes)
+        except StoreError as err:
+            log.warning("store: %s", err)
+            return None
+
+    # -- the exchange ---------------------------------------------------------------------------
+
+    def all_gather_parts(
+        self, parts: Sequence[torch.Tensor], nbytes: float | None = None
+    ) -> list[torch.Tensor]:
+        """Post this peer's rows, gather the others' objects; ``[K, ...]`` per part.
+
+        Rows of peers absent or excluded are zeros; :attr:`received` marks the rows that
+        arrived and passed, :attr:`rejected` gives each excluded peer's reason.
+        """
+        parts = list(parts)
+        self._nbytes(parts, nbytes)
+        c: BucketConfig = self.cfg  # type: ignore[assignment]
+        round_key = self._round_key()
+        r = self.round_of()
+        mine = {f"part{j}": p[0] for j, p in enumerate(parts)}
+        honest = pack(mine, {"peer": str(self.peer), "round": round_key})
+        data = honest if self.outgoing is None else self.outgoing(honest, round_key)
+        prefix = f"{self.run}/{round_key}/"
+        if data is not None:
+            try:
+                self.store.put(f"{prefix}{self.peer}", data)
+                self.sent += len(data)
+            except StoreError as err:
+                self.skipped += 1
+                log.warning("round %s: could not post (%s); gathering only", round_key, err)
+        limit = c.join_deadline_s if self.first else c.deadline_s
+        deadline = time.monotonic() + limit
+        joins = self._joins()
+        infos: dict[int, Any] = {}
+        while True:
+            expected = self._expected(joins, r)
+            for info in self._list(prefix):
+                name = info.key.rsplit("/", 1)[-1]
+                if name.isdigit() and int(name) != self.peer and int(name) < self.num_workers:
+                    infos.setdefault(int(name), info)  # first seen: the order of arrival
+            posted = set(infos)
+            if expected <= posted or (c.quorum and len(posted) + 1 >= c.quorum):
+                break
+            if time.monotonic() >= deadline:
+                late = sorted(expected - posted)
+                log.info("round %s: window closed after %.1f s without %s", round_key, limit, late)
+                break
+            time.sleep(c.poll_s)
+            joins = self._joins()  # a peer may announce a later first round meanwhile
+        for p in expected | self.missed:
+            (self.missed.discard if p in infos else self.missed.add)(p)
+        self.first = False
+        rows, digests = self._read(infos, round_key, mine, len(honest))
+        size = float(len(data)) if data is not None else float(nbytes or 0.0)
+        self.pending.append(Collective(self.gather_topology, size))  # modelled time
+        out = [torch.zeros(self.num_workers, *p.shape[1:], dtype=p.dtype) for p in parts]
+        self.received = torch.zeros(self.num_workers, dtype=torch.bool)
+        for p, tensors in rows.items():
+            self.received[p] = True
+            for j, o in enumerate(out):
+                o[p] = tensors[f"part{j}"]
+        for j, o in enumerate(out):
+            o[self.peer] = parts[j][0].detach().cpu()
+        self.received[self.peer] = True
+        self._remember(digests, round_key)
+        return [o.to(parts[j].device) for j, o in enumerate(out)]
+
+    def _read(
+        self, infos: dict[int, Any], round_key: str, mine: dict[str, torch.Tensor], own: int
+    ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, str]]:
+        """Get and check the gathered objects; exclude copies (the later one) and stale ones."""
+        limit = 2 * max(own, 1) + 65536
+        self.rejected = {}
+        got: dict[int, tuple[dict[str, torch.Tensor], str, float]] = {}
+        for p, info in sorted(infos.items()):
+            if info.size > limit:
+                self._reject(p, f"oversized: {info.size} bytes > {limit}", "oversized")
+                continue
+            data = self._get(info.key, limit)
+            if data is None:
+                self._reject(p, "could not be read from the store", "unreadable")
+                continue
+            self.recv += len(data)
+            try:
+                tensors, digest = read_payload(data, p, round_key, mine)
+            except ValueError as err:
+                kind = "stale" if str(err).startswith("stale") else "malformed"
+                self._reject(p, str(err), kind)
+                continue
+            got[p] = (tensors, digest, info.mtime)
+        own_digest = tensor_digest(mine)
+        by_digest: dict[str, list[int]] = {}
+        for p, (_, digest, _) in got.items():
+            by_digest.setdefault(digest, []).append(p)
+        for digest, peers in by_digest.items():
+            if digest in self._seen:
+                for p in peers:
+                    self._reject(p, f"stale: the payload of {self._seen[digest]} again", "stale")
+                continue
+            if digest == own_digest:
+                for p in peers:
+                    self._reject(p, f"copy of peer {self.peer}'s payload (this peer)", "copy")
+                continue
+            if len(peers) > 1:
+                times = sorted(got[p][2] for p in peers)
+                first = min(peers, key=lambda p: got[p][2])
+                keep = first if times[0] < times[1] else None  # a tie: nobody can be trusted
+                for p in peers:
+                    if p != keep:
+                        what = f"peer {keep}'s payload" if keep is not None else "another payload"
+                        self._reject(p, f"copy of {what} (posted no earlier)", "copy")
+        rows = {p: t for p, (t, _, _) in got.items() if p not in self.rejected}
+        digests = {own_digest: str(self.peer)}
+        for p, (_, d, _) in sorted(got.items(), key=lambda item: item[1][2]):
+            digests.setdefault(d, str(p))  # the first poster of those tensors
+        return rows, digests
+
+    def _reject(self, p: int, reason: str, kind: str) -> None:
+        self.rejected[p] = f"peer {p}: {reason}"
+        self.excluded[kind] = self.excluded.get(kind, 0) + 1
+
+    def _remember(self, digests: dict[str, str], round_key: str) -> None:
+        """Keep the digests of the last rounds' objects (a stale payload is one of them)."""
+        for d, p in digests.items():
+            self._seen[d] = f"round {round_key} of peer {p}"
+        while len(self._seen) > 8 * self.num_workers:
+            self._seen.pop(next(iter(self._seen)))
+
+    def all_reduce_mean(self, rows: torch.Tensor, nbytes: float | None = None) -> torch.Tensor:
+        """The mean of the rows gathered (absent and excluded peers left out)."""
+        parts = self.all_gather_parts([rows], nbytes)
+        assert self.received is not None
+        return parts[0][self.received].float().mean(0)
+
+    # -- global checkpoints -------------------------------------------------------------------
+
+    def post_global(
+        self, round_: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]
+    ) -> bool:
+        """Post the model at the start of ``round_`` if this peer leads the last window.
+
+        The lowest id among the peers whose payloads it aggregated (itself included) posts,
+        every ``checkpoint_every`` rounds; True when posted.
+        """
+        c: BucketConfig = self.cfg  # type: ignore[assignment]
+        ids = (
+            [self.peer]
+            if self.received is None
+            else torch.nonzero(self.received).flatten().tolist()
+        )
+        if round_ % c.checkpoint_every or min(ids) != self.peer:
+            return False
+        data = pack(tensors, {"peer": str(self.peer), "round": str(round_), **meta})
+        try:
+            self.store.put(f"{self.run}/global/{round_}/{self.peer}", data)
+            self.checkpoint_bytes += len(data)
+        except StoreError as err:
+            log.warning("round %d: could not post the global checkpoint (%s)", round_, err)
+            return False
+        return True
+
+    def latest_global(
+        self, at_least: int = 0, max_bytes: int = 1 << 30
+    ) -> tuple[int, dict[str, torch.Tensor], dict[str, str]] | None:
+        """The newest global checkpoint of round ``>= at_least`` that reads; None if none."""
+        found: dict[int, list[tuple[int, Any]]] = {}
+        for info in self._list(f"{self.run}/global/"):
+            parts = info.key.split("/")
+            if len(parts) >= 2 and parts[-1].isdigit() and parts[-2].isdigit():
+                found.setdefault(int(parts[-2]), []).append((int(parts[-1]), info))
+        for r in sorted((r for r in found if r >= at_least), reverse=True):
+            for p, info in sorted(found[r], key=lambda x: x[0]):
+                data = self._get(info.key, max_bytes)
+                try:
+                    tensors, meta = unpack(data or b"")
+                except ValueError as err:
+                    log.warning("global checkpoint %s skipped: %s", info.key, err)
+                    continue
+                if meta.get("round") == str(r) and meta.get("peer") == str(p):
+                    return r, tensors, meta
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """This peer's bytes, exclusions by kind, windows the store failed it."""
+        return {
+            "peer": self.peer,
+            "comm_bytes_per_worker": self.sent.item(),
+            "comm_bytes_total": self.sent.item(),
+            "comm_recv_bytes": self.recv.item(),
+            "excluded": dict(self.excluded),
+            "store_failures": self.skipped,
+            "comm_checkpoint_bytes": self.checkpoint_bytes,
+        }

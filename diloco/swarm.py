@@ -1,0 +1,190 @@
+"""K bucket peers on one machine: ``python -m diloco.swarm workers.count=4 [overrides]``.
+
+Starts one ``python -m diloco.peer`` process per worker, each in its own process group, with
+the same overrides plus ``worker.id=i``, a fresh ``comm.run_id`` (unless one is given) and
+its run dir ``<run dir>/peers/<i>`` (its output in ``peers/<i>.log``); ``swarm.peer_overrides``
+adds overrides to single peers (``"1:worker.join_round=3"``). It waits for them (at most
+``swarm.timeout_s``; Ctrl-C or the timeout stops every peer), then writes the run dir as
+``diloco.train`` does: ``summary.json`` (the peers' mean final eval loss and bytes per
+worker, each peer's summary and exit code) and ``metrics.jsonl`` (the lowest-id peer that
+finished). The config is checked once, before any peer starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from diloco import metrics as M
+from diloco.comm.stores import StoreError, open_store
+from diloco.compose import CONF_DIR, run_cli
+from diloco.config import ConfigError, from_dict, parse
+from diloco.peer import PeerConfig, check_peer
+
+log = logging.getLogger("diloco")
+
+
+@dataclass
+class SwarmConfig:
+    """``swarm.*`` in ``conf/swarm.yaml``."""
+
+    peer_overrides: list[str] = field(default_factory=list)
+    timeout_s: float = field(default=3600.0, metadata={"gt": 0.0})
+
+
+def peer_overrides(items: list[str], k: int) -> dict[int, list[str]]:
+    """``["1:worker.join_round=3", ...]`` -> ``{1: ["worker.join_round=3"]}``, checked."""
+    out: dict[int, list[str]] = {}
+    for j, item in enumerate(items):
+        peer, sep, override = item.partition(":")
+        if not sep or not peer.strip().isdigit() or int(peer) >= k or "=" not in override:
+            raise ConfigError(
+                f"swarm.peer_overrides[{j}]={item}", f"expected ID:key=value with ID in [0, {k})"
+            )
+        out.setdefault(int(peer), []).append(override.strip())
+    return out
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every peer's process group, then SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, sig)
+        deadline = time.monotonic() + 5
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def launch(overrides: list[str], k: int, run_dir: Path, sw: SwarmConfig) -> list[int | None]:
+    """Start the K peers, wait for them; their exit codes (None: stopped at the timeout)."""
+    extra = peer_overrides(sw.peer_overrides, k)
+    (run_dir / "peers").mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(k):
+            cmd = [
+                sys.executable, "-m", "diloco.peer", *overrides, f"worker.id={i}",
+                f"hydra.run.dir={run_dir / 'peers' / str(i)}", *extra.get(i, []),
+            ]  # fmt: skip
+            with open(run_dir / "peers" / f"{i}.log", "wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        deadline = time.monotonic() + sw.timeout_s
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        timed_out = [p.poll() is None for p in procs]
+        _stop(procs)
+    return [None if t else p.returncode for p, t in zip(procs, timed_out, strict=True)]
+
+
+def first_error(run_dir: Path) -> str:
+    """The first ``error:`` line in the peers' logs (a config error every peer hit)."""
+    for log_file in sorted((run_dir / "peers").glob("*.log")):
+        for line in log_file.read_text(errors="replace").splitlines():
+            if line.startswith("error: "):
+                return f"peer {log_file.stem}: {line.removeprefix('error: ')}"
+    return "no error line in the logs"
+
+
+def collect(run_dir: Path, codes: list[int | None]) -> dict[str, Any]:
+    """The swarm's summary from the peers' run dirs; metrics.jsonl of the first that finished."""
+    peers: dict[str, Any] = {}
+    for i, code in enumerate(codes):
+        path = run_dir / "peers" / str(i) / "summary.json"
+        s = json.loads(path.read_text()) if path.exists() else {}
+        peers[str(i)] = {"exit_code": code, **s}
+    done = [p for p in peers.values() if "final_eval_loss" in p]
+    if not done:
+        raise RuntimeError(f"no peer finished ({first_error(run_dir)}): see {run_dir / 'peers'}")
+    first = min(int(i) for i, p in peers.items() if "final_eval_loss" in p)
+    shutil.copyfile(run_dir / "peers" / str(first) / "metrics.jsonl", run_dir / "metrics.jsonl")
+    mean = sum(p["final_eval_loss"] for p in done) / len(done)
+    summary = {
+        **{k: v for k, v in peers[str(first)].items() if k not in ("peer", "exit_code")},
+        "final_eval_loss": mean,
+        "comm_bytes_per_worker": sum(p["comm_bytes_per_worker"] for p in done) / len(done),
+        "comm_bytes_total": sum(p["comm_bytes_per_worker"] for p in done),
+        "peers_finished": len(done),
+        "peers": peers,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run(node: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Check the config, start the peers, wait, and write the swarm's run dir."""
+    resolved: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+    sw = from_dict(SwarmConfig, resolved.pop("swarm", {}) or {}, "swarm")
+    resolved.pop("worker", None)
+    cfg = parse(resolved)
+    check_peer(cfg, PeerConfig())
+    k = cfg.workers.count
+    peer_overrides(sw.peer_overrides, k)
+    store = cfg.comm["store"]
+    mine = [
+        o
+        for o in overrides
+        if not o.startswith(("swarm.", "hydra.", "comm.store=", "comm.run_id="))
+    ]
+    if "://" not in store or store.startswith("file://"):  # the peers' path, whatever their cwd
+        path = store.removeprefix("file://")
+        store = "file://" + str(Path(path).resolve())
+    try:  # one line now, rather than one per peer
+        open_store(store, cfg.comm.get("endpoint_url"), cfg.comm["store_timeout_s"]).check()
+    except (ValueError, StoreError) as err:
+        raise ConfigError(f"comm.store={cfg.comm['store']}", str(err)) from None
+    run_id = cfg.comm["run_id"]
+    if not any(o.startswith("comm.run_id=") for o in overrides):
+        run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+    mine += ["comm=bucket", f"comm.store={store}", f"comm.run_id={run_id}"]
+    log.info("swarm: %d peers, store %s, run %s", k, store, run_id)
+    codes = launch(mine, k, run_dir, sw)
+    summary = collect(run_dir, codes)
+    log.info("summary (%s)\n%s", run_dir, M.format_table([summary], M.SUMMARY_COLUMNS))
+    return summary
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="swarm", version_base="1.3")
+def _hydra_main(node: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        out = run(node, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    return float(out["final_eval_loss"])
+
+
+def main() -> None:
+    """Console entry point."""
+    run_cli(_hydra_main, "swarm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""comm=bucket in one process: objects, validation, windows, copies, the exchange around it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diloco.comm.bucket import BucketComm
+from diloco.comm.objects import pack, pack_state, read_payload, unpack, unpack_state
+from diloco.comm.stores import FileStore, ObjectInfo
+from diloco.config import ConfigError
+from diloco.exchange.codecs import Encoded
+from diloco.exchange.pipeline import ExchangePipeline, decode_rows
+from diloco.exchange.sparse import TopK
+
+
+def comm(tmp_path: Path, peer: int, k: int = 3, **kw: object) -> BucketComm:
+    cfg = {"store": f"file://{tmp_path / 'store'}", "deadline_s": 0.5, **kw}
+    c = BucketComm(BucketComm.Config(**cfg), num_workers=k, peer=peer)  # type: ignore[arg-type]
+    c.first = False  # not the first window: deadline_s, not join_deadline_s
+    return c
+
+
+def post(tmp_path: Path, round_key: str, peer: int, tensors: dict, **meta: str) -> None:
+    data = pack(tensors, {"peer": str(peer), "round": round_key, **meta})
+    FileStore(tmp_path / "store").put(f"run/{round_key}/{peer}", data)
+
+
+def test_an_object_round_trips_and_its_header_is_checked():
+    row = {"part0": torch.randn(5)}
+    data = pack(row, {"peer": "2", "round": "4"})
+    tensors, meta = unpack(data)
+    assert torch.equal(tensors["part0"], row["part0"]) and meta["peer"] == "2"
+    got, digest = read_payload(data, 2, "4", row)
+    assert torch.equal(got["part0"], row["part0"]) and len(digest) == 64
+    bad = {
+        b"garbage": "shorter than a safetensors header",
+        b"\xff" * 8 + b"{}": "header of",
+        data[:40]: r"header of \d+ bytes in an object of 40",
+        data[:-4]: "not a safetensors object",
+    }
+    for blob, why in bad.items():
+        with pytest.raises(ValueError, match=why):
+            read_payload(blob, 2, "4", row)
+    cases = [
+        (pack(row, {"peer": "1", "round": "4"}), "claims peer '1'"),
+        (pack(row, {"peer": "2", "round": "3"}), "stale: made for round '3'"),
+        (
+            pack({"part0": torch.randn(4)}, {"peer": "2", "round": "4"}),
+            r"float32\[4\] != float32\[5\]",
+        ),
+        (pack({"part0": torch.randn(5).half()}, {"peer": "2", "round": "4"}), "float16"),
+        (pack({"x": torch.randn(5)}, {"peer": "2", "round": "4"}), "tensors"),
+        (
+            pack({"part0": torch.full((5,), float("nan"))}, {"peer": "2", "round": "4"}),
+            "non-finite",
+        ),
+    ]
+    for blob, why in cases:
+        with pytest.raises(ValueError, match=why):
+            read_payload(blob, 2, "4", row)
+
+
+def test_algorithm_state_survives_safetensors():
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+    p.grad = torch.randn(6)
+    opt.step()
+    state = {"outer": opt.state_dict()}
+    tensors, skeleton = pack_state(state)
+    back = unpack_state(unpack(pack(tensors, {}))[0], skeleton)
+    assert list(back["outer"]["state"]) == [0]  # int keys stay ints
+    assert torch.equal(
+        back["outer"]["state"][0]["momentum_buffer"], opt.state[p]["momentum_buffer"]
+    )
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(6))], lr=0.1, momentum=0.9)
+    opt2.load_state_dict(back["outer"])
+    for junk in ("[1]", '{"t": "t9"}', '{"q": 1}', "not json"):
+        with pytest.raises(ValueError, match="state"):
+            unpack_state(tensors, junk)
+
+
+def test_window_closes_when_every_expected_peer_posted(tmp_path):
+    mine = torch.randn(1, 4)
+    others = {0: torch.randn(4), 2: torch.randn(4)}
+    for p, t in others.items():
+        post(tmp_path, "0", p, {"part0": t})
+    c = comm(tmp_path, peer=1, deadline_s=30.0)
+    started = time.monotonic()
+    out = c.all_gather_parts([mine])[0]
+    assert time.monotonic() - started < 5  # did not wait for the deadline
+    assert torch.equal(out[0], others[0]) and torch.equal(out[2], others[2])
+    assert torch.equal(out[1], mine[0])
+    assert c.received is not None and c.received.all() and not c.rejected
+    assert c.sent.item() == len(FileStore(tmp_path / "store").get("run/0/1", 10**6) or b"")
+    assert c.recv.item() > 0
+
+
+def test_absent_peer_costs_one_deadline_then_is_not_waited_for(tmp_path):
+    c = comm(tmp_path, peer=0, k=2, deadline_s=0.6)
+    started = time.monotonic()
+    c.all_gather_parts([torch.randn(1, 3)])
+    first = time.monotonic() - started
+    assert c.received is not None and c.received.tolist() == [True, False]
+    c.round_of = lambda: 1
+    started = time.monotonic()
+    c.all_gather_parts([torch.randn(1, 3)])
+    assert first >= 0.6 and time.monotonic() - started < 0.5
+    post(tmp_path, "2", 1, {"part0": torch.randn(3)})  # it is back: taken when present
+    c.round_of = lambda: 2
+    assert c.all_gather_parts([torch.randn(1, 3)])[0].abs().sum(1).gt(0).all()
+    assert c.received is not None and c.received.all() and c.missed == set()
+
+
+def test_a_peer_announcing_a_later_round_is_not_waited_for(tmp_path):
+    c = comm(tmp_path, peer=0, k=2, deadline_s=30.0)
+    FileStore(tmp_path / "store").put("run/join/1", b"3")
+    started = time.monotonic()
+    c.all_gather_parts([torch.randn(1, 3)])
+    assert time.monotonic() - started < 5
+
+
+def test_copies_malformed_oversized_and_stale_objects_are_excluded_with_reasons(tmp_path):
+    k = 6
+    honest = torch.randn(8)
+    post(tmp_path, "0", 1, {"part0": honest})
+    time.sleep(0.02)  # posted later: the copy
+    post(tmp_path, "0", 2, {"part0": honest.clone()})
+    FileStore(tmp_path / "store").put("run/0/3", b"\x00" * 64)
+    FileStore(tmp_path / "store").put("run/0/4", b"\x00" * 10**6)
+    c = comm(tmp_path, peer=0, k=k, deadline_s=5.0)
+    mine = torch.randn(1, 8)
+    post(tmp_path, "0", 5, {"part0": mine[0].clone()})  # a copy of this peer's own payload
+    out = c.all_gather_parts([mine])[0]
+    assert c.received is not None and c.received.tolist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert torch.equal(out[1], honest)
+    reasons = c.rejected
+    assert "copy of peer 1's payload" in reasons[2]
+    assert "not a safetensors" in reasons[3] or "header" in reasons[3]
+    assert "oversized" in reasons[4]
+    assert "copy of peer 0's payload" in reasons[5]
+    # the next round: peer 1 posts the same tensors again (stale)
+    c.round_of = lambda: 1
+    post(tmp_path, "1", 1, {"part0": honest})
+    for p in (2, 3, 4, 5):
+        post(tmp_path, "1", p, {"part0": torch.randn(8)})
+    c.all_gather_parts([torch.randn(1, 8)])
+    assert "stale: the payload of round 0 of peer 1 again" in c.rejected[1]
+    assert set(c.rejected) == {1}
+    assert c.summary()["excluded"] == {"copy": 2, "malformed": 1, "oversized": 1, "stale": 1}
+
+
+def test_tied_copies_are_both_excluded(tmp_path, monkeypatch):
+    t = torch.randn(4)
+    post(tmp_path, "0", 1, {"part0": t})
+    post(tmp_path, "0", 2, {"part0": t.clone()})
+    real = FileStore.list
+
+    def same_time(self, prefix):  # a store whose clock cannot tell them apart
+        return [ObjectInfo(i.key, i.size, 1.0) for i in real(self, prefix)]
+
+    monkeypatch.setattr(FileStore, "list", same_time)
+    c = comm(tmp_path, peer=0)
+    c.all_gather_parts([torch.randn(1, 4)])
+    assert set(c.rejected) == {1, 2}
+
+
+def test_a_slow_store_skips_the_window_instead_of_hanging(tmp_path, monkeypatch):
+    def slow(self, prefix):
+        time.sleep(0.4)
+        return []
+
+    monkeypatch.setattr(FileStore, "list", slow)
+    c = comm(tmp_path, peer=0, k=3, deadline_s=0.5)
+    started = time.monotonic()
+    mine = torch.randn(1, 3)
+    out = c.all_gather_parts([mine])[0]
+    assert time.monotonic() - started < 2.0
+    assert c.received is not None and c.received.tolist() == [True, False, False]
+    assert torch.equal(out[0], mine[0])
+
+
+def test_the_exchange_averages_what_arrived_and_logs_exclusions(tmp_path, caplog):
+    post(tmp_path, "0", 1, {"part0": torch.ones(4)})
+    FileStore(tmp_path / "store").put("run/0/2", b"junk" * 4)
+    c = comm(tmp_path, peer=0)
+    pipe = ExchangePipeline(c)
+    mine = torch.full((1, 4), 3.0)
+    with caplog.at_level("WARNING"):
+        out = pipe(mine)
+    assert torch.allclose(out, torch.full((4,), 2.0))
+    assert pipe.stats.excluded == 1 and "peer 2" in caplog.text
+
+
+def test_rows_that_do_not_decode_are_excluded_not_fatal():
+    codec = TopK(TopK.Config(k=2))
+    rows = torch.randn(3, 20)
+    enc = codec.encode(rows)
+    assert enc.indices is not None
+    bad = enc.indices.clone()
+    bad[1] = 255  # bit-packed indices past the payload
+    enc = Encoded(enc.shape, enc.values, indices=bad, scales=enc.scales)
+    out, why = decode_rows(codec, enc, torch.tensor([True, True, False]))
+    assert out[0] is not None and out[2] is None and why[2] == ""
+    assert out[1] is None and "worker 1: does not decode" in why[1]
+
+
+def test_store_errors_are_one_line_config_errors(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="comm.store="):
+        BucketComm(BucketComm.Config(store=f"file://{blocker}/sub"), num_workers=2, peer=0)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="comm.store=ftp://x"):
+        BucketComm(BucketComm.Config(store="ftp://x"), num_workers=2, peer=0)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match=r"worker.id=5: must be in \[0, 2\)"):
+        BucketComm(BucketComm.Config(store=str(tmp_path)), num_workers=2, peer=5)  # type: ignore[call-arg]

@@ -1,0 +1,217 @@
+"""Bucket peers as processes (diloco.peer, diloco.swarm) against the simulated run.
+
+Every peer is its own process, started with no rendezvous; they meet only in the store. At
+full participation every peer's model equals the simulated run's; with a late joiner, a
+peer SIGKILLed mid-run, a peer posting broken objects and a copier, the honest peers' model
+equals the simulated run in which the same workers take part in the same rounds (faults:
+the malformed and copying peers absent throughout, the others leaving and joining when
+they did). Tolerance: eval losses within 1e-5 (the bucket averages the gathered rows, the
+simulation all-reduces them: the same sum in another order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diloco.config import ConfigError
+from diloco.peer import PeerConfig, check_peer
+from tests.helpers import OFFLINE, REPO, make_config, text_run
+from tests.seaweed import free_ports
+
+TOL = 1e-5
+
+
+def tiny(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    sizes = ("data.seq_len=32", "model.n_embd=32", "train.batch_size=4", "train.eval_every=16")
+    rounds = ("algorithm.inner_steps=4", "train.steps=32")
+    return text_run(corpus_dir, run_dir, *sizes, *rounds, *extra)
+
+
+def launch(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env={**os.environ, **OFFLINE},  # at call time: S3 tests set AWS_* credentials
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def evals(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval/loss"] for r in rows if "eval/loss" in r]
+
+
+def test_a_swarm_on_time_equals_the_simulated_run(corpus_dir, tmp_path):
+    store, swarm, sim = tmp_path / "store", tmp_path / "swarm", tmp_path / "sim"
+    out = launch("diloco.swarm", *tiny(corpus_dir, swarm, "workers.count=3", f"comm.store={store}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = launch("diloco.train", *tiny(corpus_dir, sim, "workers.count=3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((swarm / "summary.json").read_text())
+    reference = json.loads((sim / "summary.json").read_text())
+    assert summary["peers_finished"] == 3
+    for i in range(3):
+        peer = summary["peers"][str(i)]
+        assert peer["exit_code"] == 0
+        assert peer["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], abs=TOL)
+        assert evals(swarm / "peers" / str(i)) == pytest.approx(evals(sim), abs=TOL)
+        # bytes: the objects this peer put (one per round), as the store holds them
+        (run,) = [d for d in store.iterdir() if d.is_dir()]
+        objects = [run / str(r) / str(i) for r in range(8)]
+        assert peer["comm_bytes_per_worker"] == sum(o.stat().st_size for o in objects)
+        assert peer["excluded"] == {}
+    assert len(evals(swarm)) == len(evals(sim)) == 2  # metrics.jsonl of the swarm itself
+
+
+def test_late_killed_malformed_and_copying_peers(corpus_dir, tmp_path):
+    store, swarm, sim = tmp_path / "store", tmp_path / "swarm", tmp_path / "sim"
+    behaviours = (
+        "swarm.peer_overrides=['1:worker.join_round=3','2:worker.kill_at_round=5',"
+        "'3:worker.behavior=malformed','4:worker.behavior=copy','4:worker.copy_from=0']"
+    )
+    args = tiny(corpus_dir, swarm, "workers.count=5", f"comm.store={store}", "comm.deadline_s=5")
+    out = launch("diloco.swarm", *args, behaviours)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((swarm / "summary.json").read_text())
+    peers = summary["peers"]
+    assert peers["2"]["exit_code"] == -9 and "final_eval_loss" not in peers["2"]
+    assert [peers[i]["exit_code"] for i in "0134"] == [0, 0, 0, 0]
+    assert peers["1"]["joined_round"] == 3
+    # the same participation, simulated: 1 from round 3, 2 until round 5, 3 and 4 never
+    events = (
+        "faults.events=[{worker:1,round:0,kind:crash},{worker:1,round:3,kind:rejoin},"
+        "{worker:2,round:5,kind:crash},{worker:3,round:0,kind:crash},"
+        "{worker:4,round:0,kind:crash}]"
+    )
+    out = launch("diloco.train", *tiny(corpus_dir, sim, "workers.count=5", events))
+    assert out.returncode == 0, out.stderr[-3000:]
+    reference = json.loads((sim / "summary.json").read_text())["final_eval_loss"]
+    for i in "01":
+        assert peers[i]["final_eval_loss"] == pytest.approx(reference, abs=TOL)
+    assert evals(swarm / "peers" / "0") == pytest.approx(evals(sim), abs=TOL)
+    # peer 0 saw 8 rounds of malformed objects of 5 kinds and the copier's copies
+    excluded = peers["0"]["excluded"]
+    assert excluded["copy"] == 8
+    assert excluded["malformed"] + excluded.get("oversized", 0) == 8
+    log = (swarm / "peers" / "0.log").read_text()
+    assert "peer 4: copy of peer 0's payload (this peer)" in log
+    assert "peer 3: posted as peer 3 but claims peer '4'" in log
+    assert "peer 3: oversized" in log
+    assert (
+        "peer 4: copy of peer 0's payload (posted no earlier)"
+        in (swarm / "peers" / "1.log").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "worker", "expected"),
+    [
+        (["algorithm=ddp"], {}, "algorithm=DDP: exchanges every inner step"),
+        (["algorithm=demo"], {}, "algorithm=DeMo"),
+        (["attack=sign_flip"], {}, "attack: peers misbehave by worker.behavior"),
+        (["validator=gauntlet"], {}, "validator: not available under comm=bucket"),
+        (["sync=deadline"], {}, "sync: windows are real under comm=bucket"),
+        (["faults=crash_rejoin"], {}, "faults: faults are real under comm=bucket"),
+        ([], {"id": 7}, "worker.id=7: must be < workers.count=4"),
+        ([], {"behavior": "copy", "copy_from": 0}, "worker.copy_from=0: another peer"),
+        (["comm=inprocess"], {}, "comm: a peer exchanges through an object store"),
+    ],
+)
+def test_a_peer_refuses_what_it_cannot_run(overrides, worker, expected):
+    cfg = make_config("comm=bucket", *overrides)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_peer(cfg, PeerConfig(**worker))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("comm.store=ftp://host/x", "comm.store=ftp://host/x"),
+        ("worker.behavior=sulk", "worker.behavior"),
+        ("algorithm=ddp", "algorithm=DDP: exchanges every inner step"),
+    ],
+)
+def test_the_peer_command_fails_in_one_line(corpus_dir, tmp_path, override, expected):
+    store = () if override.startswith("comm.store") else (f"comm.store={tmp_path / 's'}",)
+    args = text_run(
+        corpus_dir, tmp_path / "p", "workers.count=2", "train.steps=8", *store, override
+    )
+    out = launch("diloco.peer", *args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert expected in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_over_s3_a_malformed_peer_is_excluded_and_the_others_equal_simulation(
+    corpus_dir, tmp_path, seaweed, creds
+):
+    swarm, sim = tmp_path / "swarm", tmp_path / "sim"
+    s3 = ("comm.store=s3://peers/over-s3", f"comm.endpoint_url={seaweed.endpoint}")
+    bad = "swarm.peer_overrides=['2:worker.behavior=malformed']"
+    out = launch("diloco.swarm", *tiny(corpus_dir, swarm, "workers.count=3", *s3), bad)
+    assert out.returncode == 0, out.stderr[-3000:]
+    events = "faults.events=[{worker:2,round:0,kind:crash}]"
+    out = launch("diloco.train", *tiny(corpus_dir, sim, "workers.count=3", events))
+    assert out.returncode == 0, out.stderr[-3000:]
+    reference = json.loads((sim / "summary.json").read_text())["final_eval_loss"]
+    peers = json.loads((swarm / "summary.json").read_text())["peers"]
+    for i in "01":
+        assert peers[i]["final_eval_loss"] == pytest.approx(reference, abs=TOL)
+        assert sum(peers[i]["excluded"].values()) == 8  # one broken object a round
+        assert peers[i]["comm_recv_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("store", "expected"),
+    [
+        ("s3://no-such-bucket/x", "bucket no-such-bucket does not exist"),
+        ("s3://peers/x", "bad credentials"),
+        ("s3://peers/x", "cannot reach"),
+    ],
+)
+def test_an_unusable_s3_store_is_one_line(corpus_dir, tmp_path, seaweed, creds, store, expected):
+    endpoint = seaweed.endpoint
+    if expected == "bad credentials":
+        creds.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    if expected == "cannot reach":
+        (port,) = free_ports(1)
+        endpoint = f"http://127.0.0.1:{port}"
+    args = ("workers.count=2", f"comm.store={store}", f"comm.endpoint_url={endpoint}")
+    modules = ("diloco.peer", "diloco.swarm") if expected == "cannot reach" else ("diloco.peer",)
+    for module in modules:
+        out = launch(module, *tiny(corpus_dir, tmp_path / module, *args), timeout=60)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["streaming_diloco", "sparseloco"])
+def test_fragments_and_sparse_payloads_through_the_bucket_equal_simulation(
+    corpus_dir, tmp_path, algorithm
+):
+    swarm, sim = tmp_path / "swarm", tmp_path / "sim"
+    args = ("workers.count=2", f"algorithm={algorithm}", "model.n_layer=2")
+    extra = ("algorithm.tau=1",) if algorithm == "streaming_diloco" else ()
+    store = f"comm.store={tmp_path / 'store'}"
+    out = launch("diloco.swarm", *tiny(corpus_dir, swarm, *args, *extra, store))
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = launch("diloco.train", *tiny(corpus_dir, sim, *args, *extra))
+    assert out.returncode == 0, out.stderr[-3000:]
+    reference = evals(sim)
+    for i in "01":
+        assert evals(swarm / "peers" / i) == pytest.approx(reference, abs=TOL)
+
+
+def test_a_swarm_whose_peers_all_fail_says_why_in_one_line(corpus_dir, tmp_path):
+    args = ("workers.count=2", "algorithm=streaming_diloco", f"comm.store={tmp_path / 's'}")
+    out = launch("diloco.swarm", *tiny(corpus_dir, tmp_path / "swarm", *args))
+    assert out.returncode == 1
+    assert "peer 0: algorithm.tau=5: must be < algorithm.inner_steps=4" in out.stderr
