@@ -210,11 +210,16 @@ def compose(
     return node
 
 
+def one_line(call: Callable[[], Any], errors: dict[type[Exception], int]) -> Any:
+    """``call()``; an error of a kind in ``errors``: one ``error:`` line, exit with its status."""
+    try:
+        return call()
+    except tuple(errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(next(code for kind, code in errors.items() if isinstance(err, kind)))
+
+
 def run_cli(hydra_main: Callable[[], Any], config_name: str = "config") -> None:
     """Check the command line's overrides (one-line error, exit 2), then run the Hydra app."""
-    try:
-        check_overrides(sys.argv[1:], config_name)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    one_line(lambda: check_overrides(sys.argv[1:], config_name), {ConfigError: 2})
     hydra_main()

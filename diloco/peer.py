@@ -12,8 +12,11 @@ joins, and takes part from there with a fresh inner optimizer, as a worker that 
 rejoined does in simulation (``faults``). ``worker.behavior`` makes a peer misbehave, for
 experiments on what the others tolerate: ``malformed`` posts broken objects (garbage,
 wrong shapes, NaNs, oversized, another peer's name, in turn), ``copy`` re-posts
-``worker.copy_from``'s payload under its own name. ``worker.kill_at_round`` SIGKILLs the
-process when that round starts (a crash, for fault tests).
+``worker.copy_from``'s payload under its own name (with ``worker.copy_noise`` relative
+noise: new bytes, the same direction, which only a validator's similarity check catches).
+``worker.kill_at_round`` SIGKILLs the process when that round starts (a crash, for fault
+tests). A restarted peer also skips the batches it trained on before (the rounds it posted
+in), as a crashed worker's data goes on in simulation.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from diloco import metrics as M
 from diloco.build import build_parts
 from diloco.comm.bucket import BucketComm
-from diloco.comm.objects import pack, pack_state, unpack, unpack_state
+from diloco.comm.objects import fingerprint, pack, read_global, unpack
 from diloco.comm.stores import StoreError
-from diloco.compose import CONF_DIR, run_cli
+from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import Config, ConfigError, from_dict, parse
 from diloco.data import DataError, load_corpus
 from diloco.train import execute
@@ -54,20 +57,28 @@ class PeerConfig:
     id: int = field(default=0, metadata={"ge": 0})
     join_round: int = field(default=0, metadata={"ge": 0})
     join_timeout_s: float = field(default=600.0, metadata={"gt": 0.0})
+    rejoin_margin: int = field(default=2, metadata={"ge": 1})  # a restart: newest model + this
     behavior: Literal["honest", "malformed", "copy"] = "honest"
     copy_from: int = field(default=0, metadata={"ge": 0})
+    copy_noise: float = field(default=0.0, metadata={"ge": 0.0})  # relative, on float tensors
     kill_at_round: int | None = field(default=None, metadata={"ge": 0})
 
 
-def check_peer(cfg: Config, worker: PeerConfig) -> None:
-    """What a bucket peer cannot run, as one line naming the key, before the store is opened."""
+def check_peer(cfg: Config, worker: PeerConfig | None) -> None:
+    """What a bucket peer (``worker``; None: the validator) cannot run, as one line.
+
+    Checked before the store is opened.
+    """
     k = cfg.workers.count
     if not str(cfg.comm.get("_target_", "")).endswith("BucketComm"):
         raise ConfigError("comm", "a peer exchanges through an object store: use comm=bucket")
-    if worker.id >= k:
+    if worker is None and cfg.validator is None:
+        raise ConfigError("validator", "diloco.validate scores with one: validator=gauntlet")
+    if worker is not None and worker.id >= k:
         raise ConfigError(f"worker.id={worker.id}", f"must be < workers.count={k}")
-    if worker.behavior == "copy" and (worker.copy_from >= k or worker.copy_from == worker.id):
-        raise ConfigError(f"worker.copy_from={worker.copy_from}", f"another peer in [0, {k})")
+    copying = worker is not None and worker.behavior == "copy"
+    if copying and (worker.copy_from >= k or worker.copy_from == worker.id):  # type: ignore[union-attr]
+        raise ConfigError(f"worker.copy_from={worker.copy_from}", f"another peer in [0, {k})")  # type: ignore[union-attr]
     target = str(cfg.algorithm.get("_target_", ""))
     if not target.endswith(ROUND_ALGORITHMS):
         name = target.rsplit(".", 1)[-1]
@@ -82,7 +93,11 @@ def check_peer(cfg: Config, worker: PeerConfig) -> None:
             not str(cfg.attack.get("_target_", "")).endswith("NoAttack"),
             "peers misbehave by worker.behavior=malformed|copy under comm=bucket",
         ),
-        ("validator", cfg.validator is not None, "not available under comm=bucket"),
+        (
+            "validator",
+            worker is not None and cfg.validator is not None,
+            "runs as its own process under comm=bucket: python -m diloco.validate",
+        ),
         (
             "sync",
             not str(cfg.sync.get("_target_", "")).endswith(".All"),
@@ -137,25 +152,44 @@ class PeerTrainer(Trainer):
         key = f"{self.bucket.run}/{round_key}/{self.worker.copy_from}"
         deadline = time.monotonic() + c.deadline_s  # type: ignore[attr-defined]
         while time.monotonic() < deadline:
-            got = self.bucket._get(key, 4 * len(data) + 65536)
+            got = self.bucket.fetch(key, 4 * len(data) + 65536)
             if got is not None:
                 try:
                     tensors, meta = unpack(got)
                 except ValueError:
                     return None
+                if self.worker.copy_noise > 0:  # a disguised copy: new bytes, same direction
+                    g = torch.Generator().manual_seed(self.round)
+                    for name, t in tensors.items():
+                        if t.is_floating_point():
+                            noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
+                            scale = self.worker.copy_noise * float(t.float().std())
+                            tensors[name] = (t.float() + scale * noise).to(t.dtype)
                 return pack(tensors, {**meta, "peer": str(self.worker.id)})
             time.sleep(c.poll_s)  # type: ignore[attr-defined]
         return None
 
     # -- joining --------------------------------------------------------------------------------
 
+    def _newest_global(self, at_least: int = 0, only: int | None = None) -> Any:
+        """The newest global checkpoint that fits this run: (round, model, state, step)."""
+        limit = 32 * self.group.num_params + (1 << 20)  # the model and its state, in fp32
+        own = self.algorithm.state_dict()
+        p = self.group.global_param.data
+        for r, tensors, meta in self.bucket.global_models(at_least, limit, only):
+            try:
+                return (r, *read_global(tensors, meta, p, own, self.cfg.train.steps))
+            except ValueError as err:
+                log.warning("global checkpoint of round %d skipped: %s", r, err)
+        return None
+
     def join(self) -> int:
         """Load the global model to start from (late or restarted) and announce; its round."""
         w, comm = self.worker, self.bucket
         first = w.join_round
-        if first == 0:  # a restarted peer: two rounds after the newest model, so that its
-            found = comm.latest_global()  # announcement reaches the others before then
-            first = 0 if found is None or found[0] == 0 else found[0] + 2
+        if first == 0:  # a restarted peer: rejoin_margin rounds after the newest model, so
+            found = self._newest_global()  # that its announcement reaches the others in time
+            first = 0 if found is None or found[0] == 0 else found[0] + w.rejoin_margin
         if first == 0:
             comm.announce(0)
             return self.joined
@@ -164,40 +198,39 @@ class PeerTrainer(Trainer):
             raise ConfigError(f"worker.join_round={first}", f"the run has {rounds} rounds")
         comm.announce(first)
         deadline = time.monotonic() + w.join_timeout_s
-        limit = 32 * self.group.num_params + (1 << 20)  # the model and its state, in fp32
-        found = comm.latest_global(first, limit)
+        found = self._newest_global(first)
         while found is None and time.monotonic() < deadline:
             time.sleep(comm.cfg.poll_s)  # type: ignore[attr-defined]
-            found = comm.latest_global(first, limit)
+            found = self._newest_global(first)
         if found is None:
             raise ConfigError(
                 f"worker.join_round={first}",
                 f"no global model of that round in {comm.cfg.store} "  # type: ignore[attr-defined]
                 f"after worker.join_timeout_s={w.join_timeout_s:g}",
             )
-        self._load_global(*found)
+        self._start_from(*found)
         if found[0] != first:  # the others were past it already
             log.warning("peer %d: round %d was over; joining round %d", w.id, first, found[0])
             comm.announce(found[0])
         self.joined = found[0]
         return self.joined
 
-    def _load_global(
-        self, round_: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]
-    ) -> None:
-        flat = tensors.get("global")
-        p = self.group.global_param.data
-        if flat is None or flat.shape != p.shape or not bool(torch.isfinite(flat).all()):
-            raise ConfigError("comm.store", f"the global checkpoint of round {round_} does not fit")
-        state = unpack_state(
-            {k[2:]: v for k, v in tensors.items() if k.startswith("s.")}, meta.get("state", "{}")
-        )
-        p.copy_(flat.to(p))
-        self.group.pull()
+    def _start_from(self, round_: int, flat: torch.Tensor, state: Any, step: int) -> None:
+        """Take the global model, the algorithm's state and the step of round ``round_``."""
         self.algorithm.load_state_dict(state)
-        self.progress.round = round_
-        self.progress.step = int(meta.get("step", "0"))
-        log.info("peer %d joins at round %d (step %d)", self.worker.id, round_, self.step)
+        self.group.global_param.data.copy_(flat)
+        self.group.pull()
+        self.progress.round, self.progress.step = round_, step
+        # the batches this peer trained on before (a restart): its data goes on from there,
+        # as a crashed worker's does in simulation
+        h, total = self.algorithm.inner_steps, self.cfg.train.steps
+        drawn = sum(min(h, total - r * h) for r in self.bucket.rounds_posted(round_))
+        for _ in range(drawn):
+            self.samplers[self.worker.id].next_batch()
+        log.info(
+            "peer %d joins at round %d (step %d, %d batches drawn before)",
+            self.worker.id, round_, self.step, drawn,
+        )  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         """The trainer's summary and the round this peer joined."""
@@ -216,12 +249,8 @@ class PeerTrainer(Trainer):
 
     def _end_round(self, row: dict[str, float], n: int, logger: M.Logger, last: bool) -> None:
         if not last:  # the model the next round starts from, for late and restarted peers
-            tensors, skeleton = pack_state(self.algorithm.state_dict())
-            body = {
-                "global": self.group.global_param.data,
-                **{f"s.{k}": v for k, v in tensors.items()},
-            }
-            self.bucket.post_global(self.round, body, {"state": skeleton, "step": str(self.step)})
+            state = self.algorithm.state_dict()
+            self.bucket.post_global(self.round, self.group.global_param.data, state, self.step)
         super()._end_round(row, n, logger, last)
 
 
@@ -238,7 +267,10 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
         )
         return trainer, trainer.join() > 0
 
-    return execute(resolved, cfg, run_dir, list(overrides or []), start, peer=worker.id)
+    run = fingerprint(resolved)
+    return execute(
+        resolved, cfg, run_dir, list(overrides or []), start, peer=worker.id, fingerprint=run
+    )
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="peer", version_base="1.3")
@@ -246,12 +278,9 @@ def _hydra_main(node: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    try:
-        out = run(node, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        return float(out["final_eval_loss"])
-    except (ConfigError, DataError, StoreError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    args = (node, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    out = one_line(lambda: run(*args), {ConfigError: 2, DataError: 2, StoreError: 2})
+    return float(out["final_eval_loss"])
 
 
 def main() -> None:

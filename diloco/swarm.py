@@ -5,9 +5,10 @@ the same overrides plus ``worker.id=i``, a fresh ``comm.run_id`` (unless one is 
 its run dir ``<run dir>/peers/<i>`` (its output in ``peers/<i>.log``); ``swarm.peer_overrides``
 adds overrides to single peers (``"1:worker.join_round=3"``). It waits for them (at most
 ``swarm.timeout_s``; Ctrl-C or the timeout stops every peer), then writes the run dir as
-``diloco.train`` does: ``summary.json`` (the peers' mean final eval loss and bytes per
-worker, each peer's summary and exit code) and ``metrics.jsonl`` (the lowest-id peer that
-finished). The config is checked once, before any peer starts.
+``diloco.train`` does: ``summary.json`` (the honest peers' mean final eval loss and bytes
+per worker, each peer's summary and exit code) and ``metrics.jsonl`` (the lowest-id honest
+peer that finished). ``swarm.validator=true`` also starts ``python -m diloco.validate``
+(``validator/``). The config is checked once, before any peer starts.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diloco import metrics as M
 from diloco.comm.stores import StoreError, open_store
-from diloco.compose import CONF_DIR, run_cli
+from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import ConfigError, from_dict, parse
 from diloco.peer import PeerConfig, check_peer
 
@@ -44,6 +45,7 @@ class SwarmConfig:
 
     peer_overrides: list[str] = field(default_factory=list)
     timeout_s: float = field(default=3600.0, metadata={"gt": 0.0})
+    validator: bool = False  # also start python -m diloco.validate (run dir: validator/)
 
 
 def peer_overrides(items: list[str], k: int) -> dict[int, list[str]]:
@@ -71,30 +73,38 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             time.sleep(0.05)
 
 
+def _start(cmd: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    with open(log_file, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def launch(overrides: list[str], k: int, run_dir: Path, sw: SwarmConfig) -> list[int | None]:
-    """Start the K peers, wait for them; their exit codes (None: stopped at the timeout)."""
+    """Start the K peers (and the validator), wait; the peers' exit codes (None: timed out)."""
     extra = peer_overrides(sw.peer_overrides, k)
     (run_dir / "peers").mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        if sw.validator:
+            cmd = [sys.executable, "-m", "diloco.validate", *overrides]
+            cmd.append(f"hydra.run.dir={run_dir / 'validator'}")
+            procs.append(_start(cmd, run_dir / "validator.log"))
         for i in range(k):
             cmd = [
                 sys.executable, "-m", "diloco.peer", *overrides, f"worker.id={i}",
                 f"hydra.run.dir={run_dir / 'peers' / str(i)}", *extra.get(i, []),
             ]  # fmt: skip
-            with open(run_dir / "peers" / f"{i}.log", "wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                    )
-                )
+            procs.append(_start(cmd, run_dir / "peers" / f"{i}.log"))
+        peers = procs[-k:]
         deadline = time.monotonic() + sw.timeout_s
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        while any(p.poll() is None for p in peers) and time.monotonic() < deadline:
             time.sleep(0.1)
+        if sw.validator:  # it scores the last round once the peers posted it
+            while procs[0].poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
     finally:
-        timed_out = [p.poll() is None for p in procs]
+        timed_out = [p.poll() is None for p in procs[-k:]]
         _stop(procs)
-    return [None if t else p.returncode for p, t in zip(procs, timed_out, strict=True)]
+    return [None if t else p.returncode for p, t in zip(procs[-k:], timed_out, strict=True)]
 
 
 def first_error(run_dir: Path) -> str:
@@ -106,30 +116,52 @@ def first_error(run_dir: Path) -> str:
     return "no error line in the logs"
 
 
-def collect(run_dir: Path, codes: list[int | None]) -> dict[str, Any]:
-    """The swarm's summary from the peers' run dirs; metrics.jsonl of the first that finished."""
+def _validator_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "validator" / "summary.json"
+    return {"validator": json.loads(path.read_text())} if path.exists() else {}
+
+
+def collect(run_dir: Path, codes: list[int | None], honest: set[int]) -> dict[str, Any]:
+    """The swarm's summary from the peers' run dirs; metrics.jsonl of the first that finished.
+
+    ``final_eval_loss`` and bytes are means over the ``honest`` peers (no misbehaviour
+    asked for) that finished, or over every one that did when none of them did.
+    """
     peers: dict[str, Any] = {}
     for i, code in enumerate(codes):
         path = run_dir / "peers" / str(i) / "summary.json"
         s = json.loads(path.read_text()) if path.exists() else {}
-        peers[str(i)] = {"exit_code": code, **s}
-    done = [p for p in peers.values() if "final_eval_loss" in p]
-    if not done:
+        peers[str(i)] = {"exit_code": code, "honest": i in honest, **s}
+    finished = [int(i) for i, p in peers.items() if "final_eval_loss" in p]
+    if not finished:
         raise RuntimeError(f"no peer finished ({first_error(run_dir)}): see {run_dir / 'peers'}")
-    first = min(int(i) for i, p in peers.items() if "final_eval_loss" in p)
+    counted = [i for i in finished if i in honest] or finished
+    first = counted[0]
     shutil.copyfile(run_dir / "peers" / str(first) / "metrics.jsonl", run_dir / "metrics.jsonl")
-    mean = sum(p["final_eval_loss"] for p in done) / len(done)
+    done = [peers[str(i)] for i in counted]
     summary = {
-        **{k: v for k, v in peers[str(first)].items() if k not in ("peer", "exit_code")},
-        "final_eval_loss": mean,
+        **{k: v for k, v in peers[str(first)].items() if k not in ("peer", "exit_code", "honest")},
+        "final_eval_loss": sum(p["final_eval_loss"] for p in done) / len(done),
         "comm_bytes_per_worker": sum(p["comm_bytes_per_worker"] for p in done) / len(done),
-        "comm_bytes_total": sum(p["comm_bytes_per_worker"] for p in done),
-        "peers_finished": len(done),
+        "comm_bytes_total": sum(peers[str(i)]["comm_bytes_per_worker"] for i in finished),
+        "peers_finished": len(finished),
+        "peers_counted": counted,
+        **_validator_summary(run_dir),
         "peers": peers,
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def honest_peers(extra: dict[int, list[str]], k: int) -> set[int]:
+    """The peers asked for no misbehaviour (behaviour, kill) in ``swarm.peer_overrides``."""
+    odd = ("worker.behavior=", "worker.kill_at_round=")
+    return {
+        i
+        for i in range(k)
+        if not any(o.startswith(odd) and o != "worker.behavior=honest" for o in extra.get(i, []))
+    }
 
 
 def run(node: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -160,7 +192,8 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]
     mine += ["comm=bucket", f"comm.store={store}", f"comm.run_id={run_id}"]
     log.info("swarm: %d peers, store %s, run %s", k, store, run_id)
     codes = launch(mine, k, run_dir, sw)
-    summary = collect(run_dir, codes)
+    honest = honest_peers(peer_overrides(sw.peer_overrides, k), k)
+    summary = collect(run_dir, codes, honest)
     log.info("summary (%s)\n%s", run_dir, M.format_table([summary], M.SUMMARY_COLUMNS))
     return summary
 
@@ -170,14 +203,8 @@ def _hydra_main(node: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    try:
-        out = run(node, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    args = (node, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    out = one_line(lambda: run(*args), {ConfigError: 2, RuntimeError: 1})
     return float(out["final_eval_loss"])
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from diloco import metrics as M
 from diloco.build import build_comm, build_parts
 from diloco.comm.base import Communicator
 from diloco.comm.torchdist import CommError
-from diloco.compose import CONF_DIR, run_cli
+from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import Config, ConfigError, parse
 from diloco.data import DataError, load_corpus
 from diloco.trainer import Trainer
@@ -126,14 +125,9 @@ def _hydra_main(node: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN and node.logger.group is None:
         node.logger.group = sweep_group(hydra_cfg.sweep.dir)
-    try:
-        return float(run(node, run_dir, list(hydra_cfg.overrides.task))["final_eval_loss"])
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except CommError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    errors = {ConfigError: 2, DataError: 2, CommError: 1}
+    out = one_line(lambda: run(node, run_dir, list(hydra_cfg.overrides.task)), errors)
+    return float(out["final_eval_loss"])
 
 
 def main() -> None:

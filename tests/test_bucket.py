@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -9,8 +11,16 @@ import pytest
 import torch
 
 from diloco.comm.bucket import BucketComm
-from diloco.comm.objects import pack, pack_state, read_payload, unpack, unpack_state
-from diloco.comm.stores import FileStore, ObjectInfo
+from diloco.comm.objects import (
+    pack,
+    pack_global,
+    pack_state,
+    read_global,
+    read_payload,
+    unpack,
+    unpack_state,
+)
+from diloco.comm.stores import FileStore, ObjectInfo, StoreError
 from diloco.config import ConfigError
 from diloco.exchange.codecs import Encoded
 from diloco.exchange.pipeline import ExchangePipeline, decode_rows
@@ -160,7 +170,7 @@ def test_copies_malformed_oversized_and_stale_objects_are_excluded_with_reasons(
     assert c.summary()["excluded"] == {"copy": 2, "malformed": 1, "oversized": 1, "stale": 1}
 
 
-def test_tied_copies_are_both_excluded(tmp_path, monkeypatch):
+def test_of_tied_copies_exactly_one_is_aggregated(tmp_path, monkeypatch):
     t = torch.randn(4)
     post(tmp_path, "0", 1, {"part0": t})
     post(tmp_path, "0", 2, {"part0": t.clone()})
@@ -171,8 +181,9 @@ def test_tied_copies_are_both_excluded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FileStore, "list", same_time)
     c = comm(tmp_path, peer=0)
-    c.all_gather_parts([torch.randn(1, 4)])
-    assert set(c.rejected) == {1, 2}
+    out = c.all_gather_parts([torch.randn(1, 4)])[0]
+    assert c.rejected == {2: "peer 2: copy of peer 1's payload (posted no earlier)"}
+    assert torch.equal(out[1], t)  # the store cannot tell who copied: the row counts once
 
 
 def test_a_slow_store_skips_the_window_instead_of_hanging(tmp_path, monkeypatch):
@@ -224,3 +235,118 @@ def test_store_errors_are_one_line_config_errors(tmp_path):
         BucketComm(BucketComm.Config(store="ftp://x"), num_workers=2, peer=0)  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match=r"worker.id=5: must be in \[0, 2\)"):
         BucketComm(BucketComm.Config(store=str(tmp_path)), num_workers=2, peer=5)  # type: ignore[call-arg]
+
+
+def test_a_peer_follows_the_newest_validator_weights_and_ignores_broken_ones(tmp_path, caplog):
+    c = comm(tmp_path, peer=0)
+    c.post_weights(0, torch.tensor([1.0, 0.0, 1.0]))
+    c.round_of = lambda: 1
+    for p in (1, 2):
+        post(tmp_path, "1", p, {"part0": torch.randn(4)})
+    c.all_gather_parts([torch.randn(1, 4)])
+    assert c.rejected == {1: "peer 1: flagged by the validator in round 0"}
+    assert c.received is not None and c.received.tolist() == [True, False, True]
+    FileStore(tmp_path / "store").put("run/weights/1", b"not weights")
+    c.round_of = lambda: 2
+    for p in (1, 2):
+        post(tmp_path, "2", p, {"part0": torch.randn(4)})
+    with caplog.at_level("WARNING"):
+        c.all_gather_parts([torch.randn(1, 4)])
+    assert c.rejected == {} and "validator weights of round 1 unreadable" in caplog.text
+    c.post_weights(2, torch.ones(5))  # the wrong size: ignored too
+    c.round_of = lambda: 3
+    for p in (1, 2):
+        post(tmp_path, "3", p, {"part0": torch.randn(4)})
+    c.all_gather_parts([torch.randn(1, 4)])
+    assert c.rejected == {}
+
+
+def test_odd_keys_in_the_store_never_crash_a_peer(tmp_path):
+    store = FileStore(tmp_path / "store")
+    for key in ("run/0/²", "run/0/01x", "run/0/99", "run/join/²", "run/join/1", "run/global/²/0"):
+        store.put(key, b"junk")
+    post(tmp_path, "0", 1, {"part0": torch.randn(3)})
+    c = comm(tmp_path, peer=0, k=2)
+    c.all_gather_parts([torch.randn(1, 3)])
+    assert c.received is not None and c.received.tolist() == [True, True]
+    assert list(c.global_models()) == []
+
+
+def test_another_runs_objects_are_excluded(tmp_path):
+    post(tmp_path, "0", 1, {"part0": torch.randn(3)}, run="other-config")
+    c = comm(tmp_path, peer=0, k=2, deadline_s=0.2)
+    c.fingerprint = "this-config"
+    c.all_gather_parts([torch.randn(1, 3)])
+    assert "another run's object" in c.rejected[1]
+
+
+def test_forged_global_checkpoints_are_skipped(tmp_path):
+    c = comm(tmp_path, peer=0, k=2)
+    p = torch.nn.Parameter(torch.zeros(4))
+    outer = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+    own = {"outer": outer.state_dict()}
+    good = torch.ones(4)
+    store = FileStore(tmp_path / "store")
+    for r, flat in ((2, good), (99, good)):  # nobody reached round 98: forged
+        store.put(f"run/global/{r}/0", pack_global(flat, own, 8, c._meta(str(r))))
+    post(tmp_path, "1", 1, {"part0": torch.randn(3)})
+    found = [(r, read_global(t, m, p.data, own, 32)[0]) for r, t, m in c.global_models()]
+    assert [r for r, _ in found] == [2] and torch.equal(found[0][1], good)
+    bad_lr = {
+        "outer": {**own["outer"], "param_groups": [{**own["outer"]["param_groups"][0], "lr": 50.0}]}
+    }
+    momentum = {
+        "outer": {**own["outer"], "state": {0: {"momentum_buffer": torch.full((4,), 1e30)}}}
+    }
+    cases = [
+        (pack_global(torch.ones(5), own, 8, {}), "the model is not"),
+        (pack_global(torch.full((4,), float("nan")), own, 8, {}), "not finite"),
+        (pack_global(good, own, 99, {}), "step '99'"),
+        (pack_global(good, bad_lr, 8, {}), "lr: 50.0 != 0.7"),
+        (pack_global(good, {"other": 1}, 8, {}), "state.outer: missing"),
+        (
+            pack_global(
+                good,
+                {**own, "outer": {**own["outer"], "state": {0: {"b": torch.randn(99)}}}},
+                8,
+                {},
+            ),
+            "99 entries",
+        ),
+    ]
+    for data, why in cases:
+        tensors, meta = unpack(data)
+        with pytest.raises(ValueError, match=re.escape(why)):
+            read_global(tensors, meta, p.data, own, 32)
+    tensors, meta = unpack(pack_global(good, momentum, 8, {}))  # large but finite: accepted
+    assert read_global(tensors, meta, p.data, own, 32)[2] == 8
+
+
+def test_a_peer_that_missed_a_window_but_posted_late_is_waited_for_again(tmp_path):
+    c = comm(tmp_path, peer=0, k=2, deadline_s=0.3)
+    c.all_gather_parts([torch.randn(1, 3)])  # round 0: peer 1 missed it
+    assert c.missed == {1}
+    post(tmp_path, "0", 1, {"part0": torch.randn(3)})  # ... and posted after the window closed
+    c.round_of = lambda: 1
+    c.cfg.deadline_s = 5.0  # type: ignore[attr-defined]
+    timer = threading.Timer(0.5, post, (tmp_path, "1", 1, {"part0": torch.randn(3)}))
+    timer.start()
+    c.all_gather_parts([torch.randn(1, 3)])
+    timer.join()
+    assert c.received is not None and c.received.tolist() == [True, True]
+
+
+def test_a_payload_that_could_not_be_posted_is_left_out_here_too(tmp_path, monkeypatch):
+    post(tmp_path, "0", 1, {"part0": torch.ones(3)})
+    real = FileStore.put
+
+    def failing(self, key, data):
+        if key.endswith("/0"):
+            raise StoreError("disk full")
+        real(self, key, data)
+
+    monkeypatch.setattr(FileStore, "put", failing)
+    c = comm(tmp_path, peer=0, k=2)
+    out = ExchangePipeline(c)(torch.full((1, 3), 5.0))
+    assert torch.equal(out, torch.ones(3))  # peer 1's alone: what everyone else averaged
+    assert c.summary()["store_failures"] == 1

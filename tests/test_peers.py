@@ -118,18 +118,19 @@ def test_late_killed_malformed_and_copying_peers(corpus_dir, tmp_path):
         (["algorithm=ddp"], {}, "algorithm=DDP: exchanges every inner step"),
         (["algorithm=demo"], {}, "algorithm=DeMo"),
         (["attack=sign_flip"], {}, "attack: peers misbehave by worker.behavior"),
-        (["validator=gauntlet"], {}, "validator: not available under comm=bucket"),
+        (["validator=gauntlet"], {}, "validator: runs as its own process under comm=bucket"),
         (["sync=deadline"], {}, "sync: windows are real under comm=bucket"),
         (["faults=crash_rejoin"], {}, "faults: faults are real under comm=bucket"),
         ([], {"id": 7}, "worker.id=7: must be < workers.count=4"),
         ([], {"behavior": "copy", "copy_from": 0}, "worker.copy_from=0: another peer"),
         (["comm=inprocess"], {}, "comm: a peer exchanges through an object store"),
+        ([], None, "validator: diloco.validate scores with one: validator=gauntlet"),
     ],
 )
 def test_a_peer_refuses_what_it_cannot_run(overrides, worker, expected):
     cfg = make_config("comm=bucket", *overrides)
     with pytest.raises(ConfigError, match=re.escape(expected)):
-        check_peer(cfg, PeerConfig(**worker))
+        check_peer(cfg, None if worker is None else PeerConfig(**worker))
 
 
 @pytest.mark.parametrize(
@@ -215,3 +216,68 @@ def test_a_swarm_whose_peers_all_fail_says_why_in_one_line(corpus_dir, tmp_path)
     out = launch("diloco.swarm", *tiny(corpus_dir, tmp_path / "swarm", *args))
     assert out.returncode == 1
     assert "peer 0: algorithm.tau=5: must be < algorithm.inner_steps=4" in out.stderr
+
+
+def test_the_validator_flags_a_disguised_copier_and_the_peers_follow_it(corpus_dir, tmp_path):
+    """A copy with 1% noise passes every peer's checks; the validator's similarity check
+    flags it (the later arrival in the store), and the peers leave it out from then on."""
+    swarm = tmp_path / "swarm"
+    copier = "swarm.peer_overrides=['2:worker.behavior=copy','2:worker.copy_noise=0.01']"
+    args = tiny(corpus_dir, swarm, "workers.count=3", f"comm.store={tmp_path / 'store'}")
+    out = launch("diloco.swarm", *args, "swarm.validator=true", copier)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((swarm / "summary.json").read_text())
+    validator = summary["validator"]
+    assert validator["rounds_validated"] == 8
+    assert validator["peers"]["2"]["flagged"] == 8
+    assert [validator["peers"][i]["accepted"] for i in "01"] == [8, 8]
+    lines = [json.loads(x) for x in (swarm / "validator" / "scores.jsonl").read_text().splitlines()]
+    assert [line["weights"] for line in lines] == [[1.0, 1.0, 0.0]] * 8
+    for i in "01":  # round 0 had no weights yet; later rounds follow the newest ones
+        assert summary["peers"][i]["excluded"].get("flagged", 0) >= 1
+        assert (
+            "peer 2: flagged by the validator in round"
+            in (swarm / "peers" / f"{i}.log").read_text()
+        )
+
+
+def test_a_restarted_peer_catches_up_from_the_store(corpus_dir, tmp_path):
+    """Peer 2 is SIGKILLed at round 2 and started again: it loads the newest global model,
+    joins rejoin_margin rounds later, and every peer ends with the model of the simulated
+    run in which worker 2 crashed at round 2 and rejoined when it did."""
+    store = f"comm.store={tmp_path / 'store'}"
+    common = ("workers.count=3", "train.steps=64", store, "comm.run_id=r", "comm.deadline_s=8")
+    common = (*common, "worker.rejoin_margin=4")
+
+    def peer(i: int, *extra: str) -> subprocess.Popen[bytes]:
+        args = tiny(corpus_dir, tmp_path / str(i), *common, f"worker.id={i}", *extra)
+        return subprocess.Popen(
+            [sys.executable, "-m", "diloco.peer", *args],
+            cwd=REPO,
+            env={**os.environ, **OFFLINE},
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / f"{i}.log", "ab"),  # noqa: SIM115
+            start_new_session=True,
+        )
+
+    procs = [peer(0), peer(1), peer(2, "worker.kill_at_round=2")]
+    try:
+        assert procs[2].wait(timeout=120) == -9
+        procs[2] = peer(2)  # the same command, restarted
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    assert codes == [0, 0, 0], [(tmp_path / f"{i}.log").read_text()[-2000:] for i in range(3)]
+    summaries = [json.loads((tmp_path / str(i) / "summary.json").read_text()) for i in range(3)]
+    joined = summaries[2]["joined_round"]
+    assert 2 < joined < 16
+    events = (
+        f"faults.events=[{{worker:2,round:2,kind:crash}},{{worker:2,round:{joined},kind:rejoin}}]"
+    )
+    out = launch("diloco.train", *tiny(corpus_dir, tmp_path / "sim", *common[:2], events))
+    assert out.returncode == 0, out.stderr[-3000:]
+    reference = json.loads((tmp_path / "sim" / "summary.json").read_text())["final_eval_loss"]
+    for s in summaries:
+        assert s["final_eval_loss"] == pytest.approx(reference, abs=TOL)

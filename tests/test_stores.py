@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -218,3 +219,14 @@ def test_s3_unreachable(creds):
         store.put("k", b"x")
     assert time.monotonic() - t0 < 15
     assert str(err.value).startswith("s3://bkt/p: ") and "\n" not in str(err.value)
+
+
+def test_file_store_skips_fifos_and_links_instead_of_hanging(tmp_path):
+    store = FileStore(tmp_path)
+    store.put("run/0/1", b"real")
+    os.mkfifo(tmp_path / "run" / "0" / "2")  # a reader would block until a writer came
+    (tmp_path / "run" / "0" / "3").symlink_to(tmp_path / "run" / "0" / "1")
+    started = time.monotonic()
+    assert [o.key for o in store.list("run/0/")] == ["run/0/1"]
+    assert store.get("run/0/2", 100) is None and store.get("run/0/3", 100) is None
+    assert time.monotonic() - started < 5

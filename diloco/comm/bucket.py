@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ import torch
 
 from diloco.comm.base import Collective, CommConfig
 from diloco.comm.inprocess import InProcessComm
-from diloco.comm.objects import pack, read_payload, tensor_digest, unpack
+from diloco.comm.objects import number, pack, pack_global, read_payload, tensor_digest, unpack
 from diloco.comm.stores import StoreError, open_store
 from diloco.config import ConfigError
 
@@ -72,14 +72,21 @@ class BucketComm(InProcessComm):
     trusted = False  # rows come from peers: excluded rows are reported in :attr:`rejected`
 
     def __init__(
-        self, cfg: BucketConfig | None = None, *, num_workers: int, peer: int = 0, **kwargs: Any
+        self,
+        cfg: BucketConfig | None = None,
+        *,
+        num_workers: int,
+        peer: int = 0,
+        fingerprint: str = "",
+        **kwargs: Any,
     ) -> None:
         super().__init__(cfg, num_workers=num_workers, **kwargs)
-        if not 0 <= peer < num_workers:
+        if not -1 <= peer < num_workers:  # -1: an observer (the validator), posting nothing
             raise ConfigError(f"worker.id={peer}", f"must be in [0, {num_workers})")
         c: BucketConfig = self.cfg  # type: ignore[assignment]
         self.peer = peer
-        self.local_ids = [peer]
+        self.fingerprint = fingerprint  # the run's config: other runs' objects are excluded
+        self.local_ids = [max(peer, 0)]
         self.sent = torch.zeros(1, dtype=torch.float64)  # this peer's bytes put
         self.recv = torch.zeros(1, dtype=torch.float64)  # and got
         try:
@@ -95,6 +102,7 @@ class BucketComm(InProcessComm):
         self.outgoing: Callable[[bytes, str], bytes | None] | None = None  # a peer's behaviour
         self.received: torch.Tensor | None = None
         self.rejected: dict[int, str] = {}
+        self.kinds: dict[int, str] = {}  # the kind of each exclusion of the last window
         self.missed: set[int] = set()
         self.first = True
         self._calls: tuple[int, int] = (-1, 0)  # (round, exchanges so far in it)
@@ -103,6 +111,7 @@ class BucketComm(InProcessComm):
         self.excluded: dict[str, int] = {}  # reason kind -> count, for the summary
         self._announced: dict[int, tuple[float, int]] = {}  # peer -> (mtime, first round)
         self.checkpoint_bytes = 0  # global models put (not payload traffic)
+        self.arrivals: dict[int, float] = {}  # the last window's objects' store times
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -113,6 +122,9 @@ class BucketComm(InProcessComm):
         self._calls = (r, n)
         return str(r) if n == 0 else f"{r}-{n}"
 
+    def _meta(self, round_key: str) -> dict[str, str]:
+        return {"peer": str(self.peer), "round": round_key, "run": self.fingerprint}
+
     def announce(self, first_round: int) -> None:
         """Tell the others the first round this peer will post in."""
         self.store.put(f"{self.run}/join/{self.peer}", str(first_round).encode())
@@ -120,12 +132,17 @@ class BucketComm(InProcessComm):
     def _joins(self) -> dict[int, int]:
         """Each peer's announced first round (one listing; an object is read when it changes)."""
         for info in self._list(f"{self.run}/join/"):
-            name = info.key.rsplit("/", 1)[-1]
-            if not name.isdigit() or self._announced.get(int(name), (None,))[0] == info.mtime:
+            p = number(info.key.rsplit("/", 1)[-1])
+            if (
+                p is None
+                or p >= self.num_workers
+                or self._announced.get(p, (None,))[0] == info.mtime
+            ):
                 continue
             data = self._get(info.key, 32)
-            if data is not None and data.strip().isdigit():
-                self._announced[int(name)] = (info.mtime, int(data))
+            first = number(data.decode("ascii", "replace").strip()) if data is not None else None
+            if first is not None:
+                self._announced[p] = (info.mtime, first)
         return {p: r for p, (_, r) in self._announced.items()}
 
     def _expected(self, joins: dict[int, int], r: int) -> set[int]:
@@ -143,6 +160,19 @@ class BucketComm(InProcessComm):
         except StoreError as err:
             log.warning("store: %s", err)
             return []
+
+    def _posters(self, prefix: str) -> dict[int, Any]:
+        """The peers with an object under ``prefix`` (their listing entries), this one's aside."""
+        out: dict[int, Any] = {}
+        for info in self._list(prefix):
+            p = number(info.key.rsplit("/", 1)[-1])
+            if p is not None and p != self.peer and p < self.num_workers:
+                out.setdefault(p, info)
+        return out
+
+    def fetch(self, key: str, max_bytes: int) -> bytes | None:
+        """The object at ``key`` (None: missing, larger than ``max_bytes``, or a store error)."""
+        return self._get(key, max_bytes)
 
     def _get(self, key: str, max_bytes: int) -> bytes | None:
         try:
@@ -163,43 +193,22 @@ class BucketComm(InProcessComm):
         """
         parts = list(parts)
         self._nbytes(parts, nbytes)
-        c: BucketConfig = self.cfg  # type: ignore[assignment]
         round_key = self._round_key()
         r = self.round_of()
         mine = {f"part{j}": p[0] for j, p in enumerate(parts)}
-        honest = pack(mine, {"peer": str(self.peer), "round": round_key})
+        honest = pack(mine, self._meta(round_key))
         data = honest if self.outgoing is None else self.outgoing(honest, round_key)
         prefix = f"{self.run}/{round_key}/"
+        posted = False
         if data is not None:
             try:
                 self.store.put(f"{prefix}{self.peer}", data)
                 self.sent += len(data)
+                posted = True
             except StoreError as err:
                 self.skipped += 1
                 log.warning("round %s: could not post (%s); gathering only", round_key, err)
-        limit = c.join_deadline_s if self.first else c.deadline_s
-        deadline = time.monotonic() + limit
-        joins = self._joins()
-        infos: dict[int, Any] = {}
-        while True:
-            expected = self._expected(joins, r)
-            for info in self._list(prefix):
-                name = info.key.rsplit("/", 1)[-1]
-                if name.isdigit() and int(name) != self.peer and int(name) < self.num_workers:
-                    infos.setdefault(int(name), info)  # first seen: the order of arrival
-            posted = set(infos)
-            if expected <= posted or (c.quorum and len(posted) + 1 >= c.quorum):
-                break
-            if time.monotonic() >= deadline:
-                late = sorted(expected - posted)
-                log.info("round %s: window closed after %.1f s without %s", round_key, limit, late)
-                break
-            time.sleep(c.poll_s)
-            joins = self._joins()  # a peer may announce a later first round meanwhile
-        for p in expected | self.missed:
-            (self.missed.discard if p in infos else self.missed.add)(p)
-        self.first = False
-        rows, digests = self._read(infos, round_key, mine, len(honest))
+        rows = self.collect(round_key, r, mine, len(honest))
         size = float(len(data)) if data is not None else float(nbytes or 0.0)
         self.pending.append(Collective(self.gather_topology, size))  # modelled time
         out = [torch.zeros(self.num_workers, *p.shape[1:], dtype=p.dtype) for p in parts]
@@ -210,16 +219,56 @@ class BucketComm(InProcessComm):
                 o[p] = tensors[f"part{j}"]
         for j, o in enumerate(out):
             o[self.peer] = parts[j][0].detach().cpu()
-        self.received[self.peer] = True
-        self._remember(digests, round_key)
+        # a payload the others could not get is left out here too (the same views), unless
+        # it is all there is
+        self.received[self.peer] = posted or not rows
         return [o.to(parts[j].device) for j, o in enumerate(out)]
+
+    def collect(
+        self, round_key: str, r: int, like: dict[str, torch.Tensor], own_size: int
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """Wait for the window of ``round_key`` to close; the objects that passed, by peer.
+
+        ``like``: this peer's own tensors (what a valid object holds); ``own_size``: its
+        object's size (the size limit is twice that plus 64 KiB). Sets :attr:`rejected`.
+        """
+        c: BucketConfig = self.cfg  # type: ignore[assignment]
+        prefix = f"{self.run}/{round_key}/"
+        if self.missed and round_key.isdigit() and r > 0:  # posted after I closed r - 1: back
+            self.missed -= set(self._posters(f"{self.run}/{r - 1}/"))
+        started = time.monotonic()
+        joins = self._joins()
+        infos: dict[int, Any] = {}
+        while True:
+            expected = self._expected(joins, r)
+            for p, info in self._posters(prefix).items():
+                infos.setdefault(p, info)  # first seen: the order of arrival
+            posted = set(infos)
+            if expected <= posted or (c.quorum and len(posted) + 1 >= c.quorum):
+                break
+            # a peer's first window (this one's, or one joining now) allows for a start-up
+            joining = self.first or any(joins.get(p, 0) == r > 0 for p in expected - posted)
+            limit = c.join_deadline_s if joining else c.deadline_s
+            if time.monotonic() >= started + limit:
+                late = sorted(expected - posted)
+                log.info("round %s: window closed after %.1f s without %s", round_key, limit, late)
+                break
+            time.sleep(c.poll_s)
+            joins = self._joins()  # a peer may announce a later first round meanwhile
+        for p in expected | self.missed:
+            (self.missed.discard if p in infos else self.missed.add)(p)
+        self.first = False
+        rows, digests = self._read(infos, round_key, like, own_size)
+        self._remember(digests, round_key)
+        self.arrivals = {p: info.mtime for p, info in infos.items()}
+        return rows
 
     def _read(
         self, infos: dict[int, Any], round_key: str, mine: dict[str, torch.Tensor], own: int
     ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, str]]:
         """Get and check the gathered objects; exclude copies (the later one) and stale ones."""
         limit = 2 * max(own, 1) + 65536
-        self.rejected = {}
+        self.rejected, self.kinds = {}, {}
         got: dict[int, tuple[dict[str, torch.Tensor], str, float]] = {}
         for p, info in sorted(infos.items()):
             if info.size > limit:
@@ -231,13 +280,13 @@ class BucketComm(InProcessComm):
                 continue
             self.recv += len(data)
             try:
-                tensors, digest = read_payload(data, p, round_key, mine)
+                tensors, digest = read_payload(data, p, round_key, mine, self.fingerprint)
             except ValueError as err:
                 kind = "stale" if str(err).startswith("stale") else "malformed"
                 self._reject(p, str(err), kind)
                 continue
             got[p] = (tensors, digest, info.mtime)
-        own_digest = tensor_digest(mine)
+        own_digest = tensor_digest(mine) if self.peer >= 0 else ""
         by_digest: dict[str, list[int]] = {}
         for p, (_, digest, _) in got.items():
             by_digest.setdefault(digest, []).append(p)
@@ -250,22 +299,51 @@ class BucketComm(InProcessComm):
                 for p in peers:
                     self._reject(p, f"copy of peer {self.peer}'s payload (this peer)", "copy")
                 continue
-            if len(peers) > 1:
-                times = sorted(got[p][2] for p in peers)
-                first = min(peers, key=lambda p: got[p][2])
-                keep = first if times[0] < times[1] else None  # a tie: nobody can be trusted
+            if len(peers) > 1:  # one row of these tensors is aggregated, whoever made them:
+                order = list(infos)  # the earliest in the store, then the first seen
+                keep = min(peers, key=lambda p: (got[p][2], order.index(p)))
                 for p in peers:
                     if p != keep:
-                        what = f"peer {keep}'s payload" if keep is not None else "another payload"
-                        self._reject(p, f"copy of {what} (posted no earlier)", "copy")
+                        self._reject(
+                            p, f"copy of peer {keep}'s payload (posted no earlier)", "copy"
+                        )
+        # a peer follows the validator's newest weights; the validator scores everyone anew
+        flags = self._flags(int(round_key.split("-")[0])) if self.peer >= 0 else {}
+        for p in got:
+            if p not in self.rejected and p in flags:
+                self._reject(p, f"flagged by the validator in round {flags[p]}", "flagged")
         rows = {p: t for p, (t, _, _) in got.items() if p not in self.rejected}
-        digests = {own_digest: str(self.peer)}
+        digests = {own_digest: str(self.peer)} if own_digest else {}
         for p, (_, d, _) in sorted(got.items(), key=lambda item: item[1][2]):
             digests.setdefault(d, str(p))  # the first poster of those tensors
         return rows, digests
 
+    def post_weights(self, round_: int, weights: torch.Tensor) -> None:
+        """Publish a validator's weights ``[K]`` for ``round_`` (0: flagged)."""
+        data = pack({"weights": weights.float()}, {"round": str(round_)})
+        self.store.put(f"{self.run}/weights/{round_}", data)
+
+    def _flags(self, r: int) -> dict[int, int]:
+        """Peers of weight 0 in the newest validator weights before round ``r`` -> that round."""
+        named = (number(info.key.rsplit("/", 1)[-1]) for info in self._list(f"{self.run}/weights/"))
+        rounds = [q for q in named if q is not None and q < r]
+        if not rounds:
+            return {}
+        q = max(rounds)
+        data = self._get(f"{self.run}/weights/{q}", 16 * self.num_workers + 65536)
+        try:
+            w = unpack(data or b"")[0]["weights"]
+        except (ValueError, KeyError):
+            log.warning("validator weights of round %d unreadable: ignored", q)
+            return {}
+        if w.shape != (self.num_workers,) or not w.is_floating_point():
+            log.warning("validator weights of round %d have shape %s: ignored", q, tuple(w.shape))
+            return {}
+        return {p: q for p in range(self.num_workers) if not bool(w[p] > 0)}
+
     def _reject(self, p: int, reason: str, kind: str) -> None:
         self.rejected[p] = f"peer {p}: {reason}"
+        self.kinds[p] = kind
         self.excluded[kind] = self.excluded.get(kind, 0) + 1
 
     def _remember(self, digests: dict[str, str], round_key: str) -> None:
@@ -283,9 +361,7 @@ class BucketComm(InProcessComm):
 
     # -- global checkpoints -------------------------------------------------------------------
 
-    def post_global(
-        self, round_: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]
-    ) -> bool:
+    def post_global(self, round_: int, flat: torch.Tensor, state: Any, step: int) -> bool:
         """Post the model at the start of ``round_`` if this peer leads the last window.
 
         The lowest id among the peers whose payloads it aggregated (itself included) posts,
@@ -299,7 +375,7 @@ class BucketComm(InProcessComm):
         )
         if round_ % c.checkpoint_every or min(ids) != self.peer:
             return False
-        data = pack(tensors, {"peer": str(self.peer), "round": str(round_), **meta})
+        data = pack_global(flat, state, step, self._meta(str(round_)))
         try:
             self.store.put(f"{self.run}/global/{round_}/{self.peer}", data)
             self.checkpoint_bytes += len(data)
@@ -308,26 +384,50 @@ class BucketComm(InProcessComm):
             return False
         return True
 
-    def latest_global(
-        self, at_least: int = 0, max_bytes: int = 1 << 30
-    ) -> tuple[int, dict[str, torch.Tensor], dict[str, str]] | None:
-        """The newest global checkpoint of round ``>= at_least`` that reads; None if none."""
+    def global_models(
+        self, at_least: int = 0, max_bytes: int = 1 << 30, only: int | None = None
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, str]]]:
+        """Global checkpoints of round ``>= at_least`` (``only``: that round), newest first.
+
+        Untrusted: each is bounded in size, read, and yielded only if its metadata names its
+        key's round and peer and this run, and the store holds payloads of the round before
+        (a checkpoint of a round nobody reached is forged); the caller checks the contents
+        (:func:`diloco.comm.objects.read_global`).
+        """
         found: dict[int, list[tuple[int, Any]]] = {}
-        for info in self._list(f"{self.run}/global/"):
+        where = f"{self.run}/global/" + ("" if only is None else f"{only}/")
+        for info in self._list(where):
             parts = info.key.split("/")
-            if len(parts) >= 2 and parts[-1].isdigit() and parts[-2].isdigit():
-                found.setdefault(int(parts[-2]), []).append((int(parts[-1]), info))
-        for r in sorted((r for r in found if r >= at_least), reverse=True):
+            r, p = number(parts[-2]) if len(parts) > 1 else None, number(parts[-1])
+            if r is not None and p is not None and r >= at_least:
+                found.setdefault(r, []).append((p, info))
+        for r in sorted(found, reverse=True):
+            before = (number(i.key.rsplit("/", 1)[-1]) for i in self._list(f"{self.run}/{r - 1}/"))
+            if r > 0 and all(p is None for p in before):
+                log.warning(
+                    "global checkpoint of round %d skipped: no payloads of round %d", r, r - 1
+                )
+                continue
             for p, info in sorted(found[r], key=lambda x: x[0]):
-                data = self._get(info.key, max_bytes)
+                data = self._get(info.key, max_bytes) if info.size <= max_bytes else None
                 try:
                     tensors, meta = unpack(data or b"")
                 except ValueError as err:
                     log.warning("global checkpoint %s skipped: %s", info.key, err)
                     continue
-                if meta.get("round") == str(r) and meta.get("peer") == str(p):
-                    return r, tensors, meta
-        return None
+                mine = meta.get("run") == self.fingerprint or not self.fingerprint
+                if meta.get("round") == str(r) and meta.get("peer") == str(p) and mine:
+                    yield r, tensors, meta
+
+    def rounds_posted(self, before: int) -> list[int]:
+        """The rounds before ``before`` in which this peer posted a payload (a restart's past)."""
+        rounds = set()
+        for info in self._list(f"{self.run}/"):
+            parts = info.key.split("/")
+            r = number(parts[-2]) if len(parts) > 1 else None
+            if r is not None and number(parts[-1]) == self.peer:
+                rounds.add(r)
+        return sorted(r for r in rounds if r < before)
 
     def summary(self) -> dict[str, Any]:
         """This peer's bytes, exclusions by kind, windows the store failed it."""

@@ -31,7 +31,6 @@ class InProcessComm:
     world_size = 1
     trusted = True  # every row arrives, intact: a plain mean may be an all-reduce
     received: torch.Tensor | None = None  # [K] rows that arrived in the last gather (None: all)
-    rejected: dict[int, str] = {}  # rows excluded by the transport (untrusted ones set it)
 
     def __init__(
         self,
@@ -54,6 +53,7 @@ class InProcessComm:
         self.sent = torch.zeros(num_workers, dtype=torch.float64)
         self.recv = torch.zeros(num_workers, dtype=torch.float64)
         self.pending: list[Collective] = []
+        self.rejected: dict[int, str] = {}  # rows excluded by the transport (untrusted ones)
 
     def _count(self, topology: Topology, nbytes: float) -> None:
         sent, recv = topology.bytes(self.num_workers, nbytes)

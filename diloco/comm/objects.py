@@ -9,12 +9,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import struct
 from typing import Any
 
 import torch
 
 FORMAT = "diloco-bucket-1"
+
+
+def number(name: str) -> int | None:
+    """A key segment that is a peer id or round number (ASCII digits only), else None."""
+    return int(name) if re.fullmatch(r"[0-9]{1,9}", name) else None
+
+
+def fingerprint(node: dict[str, Any]) -> str:
+    """A short hash of what the peers of one run must share (a resolved config).
+
+    The model, the optimizers, the algorithm, the codec, the aggregator, the schedule
+    (``train``), the seed, the number of workers and the data but for where it lives.
+    What a peer may set for itself (its id, threads, device, logging, the transport's
+    timing) is left out.
+    """
+    data = {k: v for k, v in (node.get("data") or {}).items() if k not in ("path", "cache_dir")}
+    keys = ("model", "optimizer", "algorithm", "codec", "aggregator", "train", "seed")
+    shared = {k: node.get(k) for k in keys}
+    shared.update(data=data, workers=(node.get("workers") or {}).get("count"))
+    digest = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -60,15 +83,18 @@ def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def read_payload(
-    data: bytes, peer: int, round_key: str, like: dict[str, torch.Tensor]
+    data: bytes, peer: int, round_key: str, like: dict[str, torch.Tensor], run: str = ""
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Check one peer's object against this peer's own tensors ``like``; tensors and digest.
 
+    ``run``: the run's :func:`fingerprint` (another run's objects are excluded; "": any).
     Raises ValueError with the reason it is excluded.
     """
     tensors, meta = unpack(data)
     if meta.get("format") != FORMAT:
         raise ValueError(f"format {meta.get('format')!r} != {FORMAT!r}")
+    if run and meta.get("run") != run:
+        raise ValueError(f"another run's object (config {meta.get('run')!r}, not {run!r})")
     if meta.get("peer") != str(peer):
         raise ValueError(f"posted as peer {peer} but claims peer {meta.get('peer')!r}")
     if meta.get("round") != round_key:
@@ -137,3 +163,90 @@ def unpack_state(tensors: dict[str, torch.Tensor], skeleton: str) -> Any:
         return dec(json.loads(skeleton))
     except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"malformed state skeleton ({err})") from None
+
+
+def check_state(theirs: Any, own: Any, bound: int, path: str = "state") -> None:
+    """``theirs`` must have ``own``'s structure and settings; ValueError naming the path.
+
+    Dicts: every key of ``own`` with an equal value (recursively), except under an
+    optimizer's per-parameter ``state``, which may hold buffers ``own`` has not made yet.
+    Every tensor of ``theirs`` must be finite, of at most ``bound`` entries, and of
+    ``own``'s shape and dtype where ``own`` has one.
+    """
+    if isinstance(theirs, torch.Tensor):
+        if theirs.numel() > bound or (
+            theirs.is_floating_point() and not bool(torch.isfinite(theirs).all())
+        ):
+            raise ValueError(f"{path}: a tensor of {theirs.numel()} entries, or not finite")
+        if isinstance(own, torch.Tensor) and (theirs.shape, theirs.dtype) != (own.shape, own.dtype):
+            raise ValueError(
+                f"{path}: {theirs.dtype}{list(theirs.shape)} != {own.dtype}{list(own.shape)}"
+            )
+        return
+    if isinstance(own, dict):
+        if not isinstance(theirs, dict):
+            raise ValueError(f"{path}: not a map")
+        for key in own:
+            if key not in theirs:
+                raise ValueError(f"{path}.{key}: missing")
+        for key, value in theirs.items():
+            if key == "state" and isinstance(value, dict):  # optimizer buffers, by parameter
+                for k, v in value.items():
+                    check_state(v, own.get("state", {}).get(k), bound, f"{path}.state.{k}")
+            elif key in own:
+                check_state(value, own[key], bound, f"{path}.{key}")
+            else:
+                check_state(value, None, bound, f"{path}.{key}")
+        return
+    if isinstance(own, list):
+        if not isinstance(theirs, list) or len(theirs) != len(own):
+            raise ValueError(f"{path}: not a list of {len(own)}")
+        for i, (t, o) in enumerate(zip(theirs, own, strict=True)):
+            check_state(t, o, bound, f"{path}[{i}]")
+        return
+    if isinstance(theirs, dict):
+        for k, v in theirs.items():
+            check_state(v, None, bound, f"{path}.{k}")
+    elif isinstance(theirs, list):
+        for i, v in enumerate(theirs):
+            check_state(v, None, bound, f"{path}[{i}]")
+    elif (
+        own is not None
+        and theirs != own
+        and not (
+            isinstance(own, float)
+            and isinstance(theirs, float)
+            and math.isnan(own)
+            and math.isnan(theirs)
+        )
+    ):
+        raise ValueError(f"{path}: {theirs!r} != {own!r}")
+
+
+def pack_global(flat: torch.Tensor, state: Any, step: int, meta: dict[str, str]) -> bytes:
+    """The model a round starts from, the algorithm's state and the step, as one object."""
+    tensors, skeleton = pack_state(state)
+    body = {"global": flat, **{f"s.{k}": v for k, v in tensors.items()}}
+    return pack(body, {**meta, "state": skeleton, "step": str(step)})
+
+
+def read_global(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], like: torch.Tensor, own: Any, steps: int
+) -> tuple[torch.Tensor, Any, int]:
+    """Check a global checkpoint against this peer's model ``like`` and state ``own``.
+
+    Returns the model, the state and the step; ValueError (the reason) if it does not fit.
+    """
+    flat = tensors.get("global")
+    if flat is None or flat.shape != like.shape or flat.dtype != like.dtype:
+        raise ValueError(f"the model is not {like.dtype}{list(like.shape)}")
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("the model is not finite")
+    step = number(meta.get("step", ""))
+    if step is None or step > steps:
+        raise ValueError(f"step {meta.get('step')!r} is not in [0, {steps}]")
+    state = unpack_state(
+        {k[2:]: v for k, v in tensors.items() if k.startswith("s.")}, meta.get("state", "")
+    )
+    check_state(state, own, 4 * like.numel())
+    return flat, state, step

@@ -7,8 +7,10 @@ Templar-style: every peer puts its payload into a shared bucket and gets the oth
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +88,26 @@ class FileStore:
 
     def get(self, key: str, max_bytes: int) -> bytes | None:
         """Reads at most max_bytes + 1 bytes; None if missing or too large."""
-        try:
-            with open(self._path(key), "rb") as f:
-                data = f.read(max_bytes + 1)
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        try:  # never a FIFO, device or link someone put in a shared directory: no hang
+            fd = os.open(self._path(key), flags)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         except OSError as e:
+            if e.errno == errno.ELOOP:  # a symlink
+                return None
             raise StoreError(f"{self.url}: cannot get {key!r}: {e.strerror or e}") from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            with os.fdopen(fd, "rb") as f:
+                fd = -1
+                data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise StoreError(f"{self.url}: cannot get {key!r}: {e.strerror or e}") from e
+        finally:
+            if fd >= 0:
+                os.close(fd)
         return None if len(data) > max_bytes else data
 
     def list(self, prefix: str) -> list[ObjectInfo]:
@@ -107,9 +122,11 @@ class FileStore:
                 if name.startswith(_TMP) or not key.startswith(prefix):
                     continue
                 try:
-                    st = os.stat(os.path.join(dirpath, name))
+                    st = os.lstat(os.path.join(dirpath, name))
                 except FileNotFoundError:
                     continue  # replaced or removed while walking
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # a FIFO, socket, device or link is not an object
                 out.append(ObjectInfo(key, st.st_size, st.st_mtime_ns / 1e9))
         return sorted(out, key=lambda o: o.key)
 
