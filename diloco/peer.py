@@ -22,6 +22,7 @@ in), as a crashed worker's data goes on in simulation.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -130,6 +131,33 @@ def _malformed(data: bytes, round_key: str, peer: int) -> bytes:
     return pack(tensors, {**meta, "peer": str(peer + 1)})
 
 
+def param_shapes(parts: Any) -> set[tuple[int, ...]]:
+    """The shapes of the model and of every parameter of the algorithm's optimizers."""
+    shapes = {tuple(parts.group.global_param.shape)}
+    for value in vars(parts.algorithm).values():
+        for opt in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(opt, torch.optim.Optimizer):
+                shapes |= {tuple(p.shape) for g in opt.param_groups for p in g["params"]}
+    return shapes
+
+
+def newest_global(
+    comm: BucketComm, parts: Any, at_least: int = 0, only: int | None = None
+) -> tuple[int, torch.Tensor, Any, int] | None:
+    """The newest global checkpoint in the store that fits this run (:func:`read_global`)."""
+    limit = 32 * parts.group.num_params + (1 << 20)  # the model and its state, in fp32
+    own, shapes = parts.algorithm.state_dict(), param_shapes(parts)
+    h, total = parts.algorithm.inner_steps, parts.cfg.train.steps
+    max_abs = comm.cfg.max_abs or math.inf
+    flat = parts.group.global_param.data
+    for r, tensors, meta in comm.global_models(at_least, limit, only):
+        try:
+            return (r, *read_global(tensors, meta, flat, own, min(r * h, total), shapes, max_abs))
+        except ValueError as err:
+            log.warning("global checkpoint of round %d skipped: %s", r, err)
+    return None
+
+
 class PeerTrainer(Trainer):
     """The trainer of one bucket peer: joins late, posts global checkpoints, misbehaves."""
 
@@ -173,15 +201,7 @@ class PeerTrainer(Trainer):
 
     def _newest_global(self, at_least: int = 0, only: int | None = None) -> Any:
         """The newest global checkpoint that fits this run: (round, model, state, step)."""
-        limit = 32 * self.group.num_params + (1 << 20)  # the model and its state, in fp32
-        own = self.algorithm.state_dict()
-        p = self.group.global_param.data
-        for r, tensors, meta in self.bucket.global_models(at_least, limit, only):
-            try:
-                return (r, *read_global(tensors, meta, p, own, self.cfg.train.steps))
-            except ValueError as err:
-                log.warning("global checkpoint of round %d skipped: %s", r, err)
-        return None
+        return newest_global(self.bucket, self.parts, at_least, only)
 
     def join(self) -> int:
         """Load the global model to start from (late or restarted) and announce; its round."""
@@ -191,6 +211,13 @@ class PeerTrainer(Trainer):
             found = self._newest_global()  # that its announcement reaches the others in time
             first = 0 if found is None or found[0] == 0 else found[0] + w.rejoin_margin
         if first == 0:
+            past = comm.rounds_posted(1 << 30)
+            if past:  # never train the run again from round 0 over its own old objects
+                raise ConfigError(
+                    "comm.run_id",
+                    f"{comm.run!r} holds this peer's payloads of rounds {past[0]}..{past[-1]} "
+                    "but no global model to rejoin from: use a fresh comm.run_id",
+                )
             comm.announce(0)
             return self.joined
         rounds = -(-self.cfg.train.steps // self.algorithm.inner_steps)

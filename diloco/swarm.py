@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from diloco import metrics as M
+from diloco.comm.bucket import VALIDATOR_KEY
 from diloco.comm.stores import StoreError, open_store
 from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import ConfigError, from_dict, parse
@@ -73,9 +75,11 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             time.sleep(0.05)
 
 
-def _start(cmd: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+def _start(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log_file, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
 
 
 def launch(overrides: list[str], k: int, run_dir: Path, sw: SwarmConfig) -> list[int | None]:
@@ -83,17 +87,20 @@ def launch(overrides: list[str], k: int, run_dir: Path, sw: SwarmConfig) -> list
     extra = peer_overrides(sw.peer_overrides, k)
     (run_dir / "peers").mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
+    env = dict(os.environ)
+    if sw.validator:  # the validator signs its weights; the peers check with the same secret
+        env.setdefault(VALIDATOR_KEY, secrets.token_hex(16))
     try:
         if sw.validator:
             cmd = [sys.executable, "-m", "diloco.validate", *overrides]
             cmd.append(f"hydra.run.dir={run_dir / 'validator'}")
-            procs.append(_start(cmd, run_dir / "validator.log"))
+            procs.append(_start(cmd, run_dir / "validator.log", env))
         for i in range(k):
             cmd = [
                 sys.executable, "-m", "diloco.peer", *overrides, f"worker.id={i}",
                 f"hydra.run.dir={run_dir / 'peers' / str(i)}", *extra.get(i, []),
             ]  # fmt: skip
-            procs.append(_start(cmd, run_dir / "peers" / f"{i}.log"))
+            procs.append(_start(cmd, run_dir / "peers" / f"{i}.log", env))
         peers = procs[-k:]
         deadline = time.monotonic() + sw.timeout_s
         while any(p.poll() is None for p in peers) and time.monotonic() < deadline:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diloco.build import build_comm, build_parts
-from diloco.comm.bucket import BucketComm
-from diloco.comm.objects import fingerprint, pack, read_global
+from diloco.comm.bucket import VALIDATOR_KEY, BucketComm
+from diloco.comm.objects import fingerprint, pack
 from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import ConfigError, parse
 from diloco.data import DataError, load_corpus
 from diloco.exchange.codecs import Encoded, make_codec
-from diloco.peer import check_peer
+from diloco.peer import check_peer, newest_global
 
 log = logging.getLogger("diloco")
 
@@ -68,6 +69,21 @@ class Watcher:
         self.record: dict[int, dict[str, Any]] = {
             i: {"accepted": 0, "flagged": 0, "absent": 0, "excluded": {}} for i in range(k)
         }
+        self.drawn = [0] * k  # batches redrawn per peer so far
+
+    def redraw(self, r: int) -> None:
+        """Each peer's batches up to round ``r``: one round's for every round it posted in.
+
+        Read from the store (its rounds' objects), not from the windows this validator saw,
+        so that a peer that posted late stays in step.
+        """
+        h, total = self.parts.algorithm.inner_steps, self.cfg.train.steps
+        posts = self.comm.posts(r + 1)
+        for i in range(self.cfg.workers.count):
+            want = sum(min(h, total - q * h) for q in posts.get(i, []))
+            for _ in range(want - self.drawn[i]):
+                self.parts.samplers[i].next_batch()
+            self.drawn[i] = max(self.drawn[i], want)
 
     def wait_global(self, r: int) -> bool:
         """Load the model round ``r`` starts from; False if none came in time."""
@@ -75,27 +91,18 @@ class Watcher:
             return True  # every peer starts from the same seeded init, built here too
         deadline = time.monotonic() + self.comm.cfg.join_deadline_s  # type: ignore[attr-defined]
         while time.monotonic() < deadline:
-            limit = 32 * self.parts.group.num_params + (1 << 20)
-            theta = self.parts.group.global_param.data
-            own = self.parts.algorithm.state_dict()
-            for _, tensors, meta in self.comm.global_models(r, limit, only=r):  # kept: it may lag
-                try:
-                    flat = read_global(tensors, meta, theta, own, self.cfg.train.steps)[0]
-                except ValueError as err:
-                    log.warning("global checkpoint of round %d skipped: %s", r, err)
-                    continue
-                theta.copy_(flat)
+            found = newest_global(self.comm, self.parts, r, only=r)  # kept: it may lag
+            if found is not None:
+                self.parts.group.global_param.data.copy_(found[1])
                 return True
             time.sleep(self.comm.cfg.poll_s)  # type: ignore[attr-defined]
         return False
 
-    def round(self, r: int, steps: int) -> dict[str, Any]:
+    def round(self, r: int) -> dict[str, Any]:
         """Gather round ``r``, score it, post its weights; the round's line of scores.jsonl."""
         k = self.cfg.workers.count
         rows = self.comm.collect(str(r), r, self.like, self.own_size)
-        for i in self.comm.arrivals:  # every peer that posted drew its round's batches
-            for _ in range(steps):
-                self.parts.samplers[i].next_batch()
+        self.redraw(r)
         reasons, kinds = dict(self.comm.rejected), dict(self.comm.kinds)
         decoded = {}
         for i, tensors in sorted(rows.items()):
@@ -104,8 +111,8 @@ class Watcher:
                 reasons[i], kinds[i] = f"peer {i}: does not decode to finite values", "malformed"
             else:
                 decoded[i] = row
-        weights = torch.ones(k)  # an absent peer is not flagged
-        weights[list(reasons)] = 0.0
+        weights = torch.ones(k)  # an absent peer is not flagged, nor one of a tie
+        weights[[i for i in reasons if kinds[i] != "copy_tie"]] = 0.0
         ids = sorted(decoded)
         if ids:
             arrived = [self.comm.arrivals.get(i, math.inf) for i in range(k)]
@@ -140,15 +147,18 @@ class Watcher:
         with open(self.run_dir / "scores.jsonl", "w") as out:
             for r in range(rounds):
                 if not self.wait_global(r):
-                    log.warning("validator: no global model of round %d; stopping", r)
-                    break
+                    if not self.comm.rounds_seen(r + 1):  # nothing newer: the run stopped
+                        log.warning("validator: no global model of round %d; stopping", r)
+                        break
+                    log.warning("validator: no global model of round %d; skipped", r)
+                    continue
                 self.parts.progress.round = r
-                line = self.round(r, min(h, cfg.train.steps - r * h))
+                line = self.round(r)
                 out.write(json.dumps(line) + "\n")
                 out.flush()
-                done = r + 1
+                done += 1
         summary = {
-            "rounds_validated": done,
+            "rounds_validated": done,  # rounds scored (a round without a model is skipped)
             "rounds": rounds,
             "peers": {str(i): rec for i, rec in self.record.items()},
         }
@@ -162,6 +172,12 @@ def run(node: DictConfig, run_dir: Path) -> dict[str, Any]:
     resolved.pop("worker", None)
     cfg = parse(resolved)
     check_peer(cfg, None)
+    if not os.environ.get(VALIDATOR_KEY):
+        raise ConfigError(
+            VALIDATOR_KEY,
+            "not set: the validator signs its weights with it, and the peers "
+            "need the same secret to tell them from anyone's (diloco.swarm sets one)",
+        )
     comm, device = build_comm(cfg, peer=-1, fingerprint=fingerprint(resolved))
     assert isinstance(comm, BucketComm)
     parts = build_parts(cfg, comm, device, load_corpus(cfg.data))

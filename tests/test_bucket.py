@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diloco.comm.bucket import BucketComm
+from diloco.comm.bucket import VALIDATOR_KEY, BucketComm
 from diloco.comm.objects import (
     pack,
     pack_global,
@@ -182,7 +182,8 @@ def test_of_tied_copies_exactly_one_is_aggregated(tmp_path, monkeypatch):
     monkeypatch.setattr(FileStore, "list", same_time)
     c = comm(tmp_path, peer=0)
     out = c.all_gather_parts([torch.randn(1, 4)])[0]
-    assert c.rejected == {2: "peer 2: copy of peer 1's payload (posted no earlier)"}
+    assert c.rejected == {2: "peer 2: the same payload as peer 1's, at the same store time"}
+    assert c.kinds == {2: "copy_tie"}
     assert torch.equal(out[1], t)  # the store cannot tell who copied: the row counts once
 
 
@@ -237,27 +238,38 @@ def test_store_errors_are_one_line_config_errors(tmp_path):
         BucketComm(BucketComm.Config(store=str(tmp_path)), num_workers=2, peer=5)  # type: ignore[call-arg]
 
 
-def test_a_peer_follows_the_newest_validator_weights_and_ignores_broken_ones(tmp_path, caplog):
+def test_a_peer_follows_the_newest_validator_weights_and_ignores_broken_ones(
+    tmp_path, caplog, monkeypatch
+):
+    monkeypatch.setenv(VALIDATOR_KEY, "secret")
     c = comm(tmp_path, peer=0)
+
+    def window(r: int) -> None:  # round r: peers 1 and 2 post, peer 0 gathers
+        c.round_of = lambda: r
+        for p in (1, 2):
+            post(tmp_path, str(r), p, {"part0": torch.randn(4)})
+        c.all_gather_parts([torch.randn(1, 4)])
+
     c.post_weights(0, torch.tensor([1.0, 0.0, 1.0]))
-    c.round_of = lambda: 1
-    for p in (1, 2):
-        post(tmp_path, "1", p, {"part0": torch.randn(4)})
-    c.all_gather_parts([torch.randn(1, 4)])
+    window(1)
     assert c.rejected == {1: "peer 1: flagged by the validator in round 0"}
     assert c.received is not None and c.received.tolist() == [True, False, True]
     FileStore(tmp_path / "store").put("run/weights/1", b"not weights")
-    c.round_of = lambda: 2
-    for p in (1, 2):
-        post(tmp_path, "2", p, {"part0": torch.randn(4)})
     with caplog.at_level("WARNING"):
-        c.all_gather_parts([torch.randn(1, 4)])
+        window(2)
     assert c.rejected == {} and "validator weights of round 1 unreadable" in caplog.text
     c.post_weights(2, torch.ones(5))  # the wrong size: ignored too
-    c.round_of = lambda: 3
-    for p in (1, 2):
-        post(tmp_path, "3", p, {"part0": torch.randn(4)})
-    c.all_gather_parts([torch.randn(1, 4)])
+    window(3)
+    assert c.rejected == {}
+    # anyone can write to the store: weights not signed with the validator's key are ignored
+    forged = pack({"weights": torch.tensor([1.0, 0.0, 1.0])}, {"round": "3", "sig": "0" * 64})
+    FileStore(tmp_path / "store").put("run/weights/3", forged)
+    with caplog.at_level("WARNING"):
+        window(4)
+    assert c.rejected == {} and "not signed with DILOCO_VALIDATOR_KEY" in caplog.text
+    monkeypatch.delenv(VALIDATOR_KEY)  # without the key, no weights are followed at all
+    c.post_weights(4, torch.tensor([1.0, 0.0, 1.0]))
+    window(5)
     assert c.rejected == {}
 
 
@@ -285,41 +297,39 @@ def test_forged_global_checkpoints_are_skipped(tmp_path):
     p = torch.nn.Parameter(torch.zeros(4))
     outer = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
     own = {"outer": outer.state_dict()}
+    shapes = {(4,)}
     good = torch.ones(4)
+    p.grad = torch.ones(4)
+    outer.step()  # a state after an outer step: a momentum buffer the joiner has not made
+    stepped = {"outer": outer.state_dict()}
     store = FileStore(tmp_path / "store")
-    for r, flat in ((2, good), (99, good)):  # nobody reached round 98: forged
-        store.put(f"run/global/{r}/0", pack_global(flat, own, 8, c._meta(str(r))))
+    for r in (2, 99):  # nobody reached round 98: forged
+        store.put(f"run/global/{r}/0", pack_global(good, stepped, 4 * r, c._meta(str(r))))
     post(tmp_path, "1", 1, {"part0": torch.randn(3)})
-    found = [(r, read_global(t, m, p.data, own, 32)[0]) for r, t, m in c.global_models()]
-    assert [r for r, _ in found] == [2] and torch.equal(found[0][1], good)
-    bad_lr = {
-        "outer": {**own["outer"], "param_groups": [{**own["outer"]["param_groups"][0], "lr": 50.0}]}
-    }
-    momentum = {
-        "outer": {**own["outer"], "state": {0: {"momentum_buffer": torch.full((4,), 1e30)}}}
-    }
+    found = [(r, read_global(t, m, p.data, own, 8, shapes)) for r, t, m in c.global_models()]
+    assert [r for r, _ in found] == [2] and torch.equal(found[0][1][0], good)
+    group = own["outer"]["param_groups"][0]
+    bad_lr = {"outer": {**own["outer"], "param_groups": [{**group, "lr": 50.0}]}}
+    buffer = {"outer": {**own["outer"], "state": {0: {"momentum_buffer": torch.ones(1, 1)}}}}
+    huge = {"outer": {**own["outer"], "state": {0: {"momentum_buffer": torch.full((4,), 1e30)}}}}
     cases = [
         (pack_global(torch.ones(5), own, 8, {}), "the model is not"),
         (pack_global(torch.full((4,), float("nan")), own, 8, {}), "not finite"),
-        (pack_global(good, own, 99, {}), "step '99'"),
+        (pack_global(good, own, 99, {}), "step '99': its round starts at step 8"),
         (pack_global(good, bad_lr, 8, {}), "lr: 50.0 != 0.7"),
         (pack_global(good, {"other": 1}, 8, {}), "state.outer: missing"),
-        (
-            pack_global(
-                good,
-                {**own, "outer": {**own["outer"], "state": {0: {"b": torch.randn(99)}}}},
-                8,
-                {},
-            ),
-            "99 entries",
-        ),
+        (pack_global(good, buffer, 8, {}), "shape [1, 1] is no parameter's"),
+        (pack_global(good, huge, 8, {}), "not finite, or above 1e+06"),
     ]
     for data, why in cases:
         tensors, meta = unpack(data)
         with pytest.raises(ValueError, match=re.escape(why)):
-            read_global(tensors, meta, p.data, own, 32)
-    tensors, meta = unpack(pack_global(good, momentum, 8, {}))  # large but finite: accepted
-    assert read_global(tensors, meta, p.data, own, 32)[2] == 8
+            read_global(tensors, meta, p.data, own, 8, shapes)
+    # a joiner's fresh Streaming-DiLoCo-like state: counters and pending merges may differ
+    mine = {"outers": [own["outer"]], "syncs": 0, "pending": []}
+    theirs = {"outers": [stepped["outer"]], "syncs": 3, "pending": [[1, torch.zeros(4)]]}
+    tensors, meta = unpack(pack_global(good, theirs, 8, {}))
+    assert read_global(tensors, meta, p.data, mine, 8, shapes)[1]["syncs"] == 3
 
 
 def test_a_peer_that_missed_a_window_but_posted_late_is_waited_for_again(tmp_path):

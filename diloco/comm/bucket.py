@@ -26,7 +26,10 @@ modelled time charges an object-store gather of that size; wall time is measured
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +44,9 @@ from diloco.comm.stores import StoreError, open_store
 from diloco.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+VALIDATOR_KEY = "DILOCO_VALIDATOR_KEY"
+"""The environment variable holding the secret a validator signs its weights with."""
 
 
 @dataclass
@@ -237,18 +243,22 @@ class BucketComm(InProcessComm):
         if self.missed and round_key.isdigit() and r > 0:  # posted after I closed r - 1: back
             self.missed -= set(self._posters(f"{self.run}/{r - 1}/"))
         started = time.monotonic()
+        observing = self.peer < 0  # the validator's window opens with the first object
         joins = self._joins()
         infos: dict[int, Any] = {}
         while True:
             expected = self._expected(joins, r)
             for p, info in self._posters(prefix).items():
+                if observing and not infos:
+                    started = time.monotonic()
                 infos.setdefault(p, info)  # first seen: the order of arrival
             posted = set(infos)
-            if expected <= posted or (c.quorum and len(posted) + 1 >= c.quorum):
+            me = 0 if observing else 1
+            if expected <= posted or (c.quorum and len(posted) + me >= c.quorum):
                 break
             # a peer's first window (this one's, or one joining now) allows for a start-up
             joining = self.first or any(joins.get(p, 0) == r > 0 for p in expected - posted)
-            limit = c.join_deadline_s if joining else c.deadline_s
+            limit = c.join_deadline_s if joining or (observing and not infos) else c.deadline_s
             if time.monotonic() >= started + limit:
                 late = sorted(expected - posted)
                 log.info("round %s: window closed after %.1f s without %s", round_key, limit, late)
@@ -302,11 +312,14 @@ class BucketComm(InProcessComm):
             if len(peers) > 1:  # one row of these tensors is aggregated, whoever made them:
                 order = list(infos)  # the earliest in the store, then the first seen
                 keep = min(peers, key=lambda p: (got[p][2], order.index(p)))
-                for p in peers:
-                    if p != keep:
-                        self._reject(
-                            p, f"copy of peer {keep}'s payload (posted no earlier)", "copy"
-                        )
+                tied = [got[p][2] for p in peers].count(got[keep][2]) > 1
+                for p in (p for p in peers if p != keep):  # a tie blames nobody: copy_tie
+                    if tied and got[p][2] == got[keep][2]:
+                        why = f"the same payload as peer {keep}'s, at the same store time"
+                        self._reject(p, why, "copy_tie")
+                    else:
+                        why = f"copy of peer {keep}'s payload (posted no earlier)"
+                        self._reject(p, why, "copy")
         # a peer follows the validator's newest weights; the validator scores everyone anew
         flags = self._flags(int(round_key.split("-")[0])) if self.peer >= 0 else {}
         for p in got:
@@ -318,13 +331,29 @@ class BucketComm(InProcessComm):
             digests.setdefault(d, str(p))  # the first poster of those tensors
         return rows, digests
 
+    def _signature(self, round_: int, weights: torch.Tensor) -> str:
+        """HMAC-SHA256 of the weights, their round and the run, under the validator's key."""
+        key = os.environ.get(VALIDATOR_KEY, "")
+        message = f"{round_}/{self.fingerprint}/".encode() + weights.float().numpy().tobytes()
+        return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
     def post_weights(self, round_: int, weights: torch.Tensor) -> None:
-        """Publish a validator's weights ``[K]`` for ``round_`` (0: flagged)."""
-        data = pack({"weights": weights.float()}, {"round": str(round_)})
+        """Publish a validator's weights ``[K]`` for ``round_`` (0: flagged), signed.
+
+        The signature (:data:`VALIDATOR_KEY`, shared by the validator and the peers) lets a
+        peer tell them from weights anyone with write access to the store could post.
+        """
+        sig = self._signature(round_, weights)
+        data = pack({"weights": weights.float()}, {"round": str(round_), "sig": sig})
         self.store.put(f"{self.run}/weights/{round_}", data)
 
     def _flags(self, r: int) -> dict[int, int]:
-        """Peers of weight 0 in the newest validator weights before round ``r`` -> that round."""
+        """Peers of weight 0 in the newest validator weights before round ``r`` -> that round.
+
+        Only weights signed with :data:`VALIDATOR_KEY` count (none without the key).
+        """
+        if not os.environ.get(VALIDATOR_KEY):
+            return {}
         named = (number(info.key.rsplit("/", 1)[-1]) for info in self._list(f"{self.run}/weights/"))
         rounds = [q for q in named if q is not None and q < r]
         if not rounds:
@@ -336,8 +365,14 @@ class BucketComm(InProcessComm):
         except (ValueError, KeyError):
             log.warning("validator weights of round %d unreadable: ignored", q)
             return {}
-        if w.shape != (self.num_workers,) or not w.is_floating_point():
+        if w.shape != (self.num_workers,) or w.dtype != torch.float32:
             log.warning("validator weights of round %d have shape %s: ignored", q, tuple(w.shape))
+            return {}
+        meta = unpack(data or b"")[1]
+        if not hmac.compare_digest(meta.get("sig", ""), self._signature(q, w)):
+            log.warning(
+                "validator weights of round %d not signed with %s: ignored", q, VALIDATOR_KEY
+            )
             return {}
         return {p: q for p in range(self.num_workers) if not bool(w[p] > 0)}
 
@@ -419,15 +454,28 @@ class BucketComm(InProcessComm):
                 if meta.get("round") == str(r) and meta.get("peer") == str(p) and mine:
                     yield r, tensors, meta
 
+    def posts(self, before: int) -> dict[int, list[int]]:
+        """Each peer's rounds before ``before`` in which it posted a payload (one listing)."""
+        out: dict[int, set[int]] = {}
+        for info in self._list(f"{self.run}/"):
+            parts = info.key[len(self.run) + 1 :].split("/")  # <round>/<peer> only
+            r, p = (number(parts[0]), number(parts[1])) if len(parts) == 2 else (None, None)
+            if r is not None and p is not None and r < before:
+                out.setdefault(p, set()).add(r)
+        return {p: sorted(rs) for p, rs in out.items()}
+
     def rounds_posted(self, before: int) -> list[int]:
         """The rounds before ``before`` in which this peer posted a payload (a restart's past)."""
-        rounds = set()
+        return self.posts(before).get(self.peer, [])
+
+    def rounds_seen(self, at_least: int) -> bool:
+        """Whether the store holds payloads of round ``at_least`` or later (the run went on)."""
         for info in self._list(f"{self.run}/"):
-            parts = info.key.split("/")
-            r = number(parts[-2]) if len(parts) > 1 else None
-            if r is not None and number(parts[-1]) == self.peer:
-                rounds.add(r)
-        return sorted(r for r in rounds if r < before)
+            parts = info.key[len(self.run) + 1 :].split("/")
+            r = number(parts[0]) if len(parts) == 2 else None
+            if r is not None and r >= at_least:
+                return True
+        return False
 
     def summary(self) -> dict[str, Any]:
         """This peer's bytes, exclusions by kind, windows the store failed it."""

@@ -28,13 +28,15 @@ def fingerprint(node: dict[str, Any]) -> str:
     """A short hash of what the peers of one run must share (a resolved config).
 
     The model, the optimizers, the algorithm, the codec, the aggregator, the schedule
-    (``train``), the seed, the number of workers and the data but for where it lives.
-    What a peer may set for itself (its id, threads, device, logging, the transport's
-    timing) is left out.
+    (``train`` but for when it logs and evaluates), the seed, the number of workers and the
+    data but for where it lives. What a peer may set for itself (its id, threads, device,
+    logging, evaluation, the transport's timing) is left out.
     """
     data = {k: v for k, v in (node.get("data") or {}).items() if k not in ("path", "cache_dir")}
-    keys = ("model", "optimizer", "algorithm", "codec", "aggregator", "train", "seed")
+    keys = ("model", "optimizer", "algorithm", "codec", "aggregator", "seed")
     shared = {k: node.get(k) for k in keys}
+    logging_keys = ("log_every", "eval_every", "eval_sequences")
+    shared["train"] = {k: v for k, v in (node.get("train") or {}).items() if k not in logging_keys}
     shared.update(data=data, workers=(node.get("workers") or {}).get("count"))
     digest = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
@@ -165,62 +167,76 @@ def unpack_state(tensors: dict[str, torch.Tensor], skeleton: str) -> Any:
         raise ValueError(f"malformed state skeleton ({err})") from None
 
 
-def check_state(theirs: Any, own: Any, bound: int, path: str = "state") -> None:
-    """``theirs`` must have ``own``'s structure and settings; ValueError naming the path.
+def check_state(
+    theirs: Any,
+    own: Any,
+    shapes: set[tuple[int, ...]],
+    max_abs: float,
+    path: str = "state",
+    settings: bool = False,
+) -> None:
+    """``theirs`` must be a state like ``own``; ValueError naming the path where it is not.
 
-    Dicts: every key of ``own`` with an equal value (recursively), except under an
-    optimizer's per-parameter ``state``, which may hold buffers ``own`` has not made yet.
-    Every tensor of ``theirs`` must be finite, of at most ``bound`` entries, and of
-    ``own``'s shape and dtype where ``own`` has one.
+    The structure: every key of ``own`` present, a list of ``own``'s length where ``own``'s
+    is not empty, scalars of ``own``'s type (counters may differ). The settings (an
+    optimizer's ``param_groups``: learning rate, momentum...) equal ``own``'s. Tensors: of
+    ``own``'s shape and dtype where ``own`` has one, else a scalar or the shape of one of
+    the parameters (``shapes``), finite, at most ``max_abs`` in magnitude. An optimizer's
+    per-parameter ``state`` may hold buffers ``own`` has not made yet.
     """
     if isinstance(theirs, torch.Tensor):
-        if theirs.numel() > bound or (
-            theirs.is_floating_point() and not bool(torch.isfinite(theirs).all())
-        ):
-            raise ValueError(f"{path}: a tensor of {theirs.numel()} entries, or not finite")
-        if isinstance(own, torch.Tensor) and (theirs.shape, theirs.dtype) != (own.shape, own.dtype):
-            raise ValueError(
-                f"{path}: {theirs.dtype}{list(theirs.shape)} != {own.dtype}{list(own.shape)}"
-            )
+        if isinstance(own, torch.Tensor):
+            if (theirs.shape, theirs.dtype) != (own.shape, own.dtype):
+                raise ValueError(
+                    f"{path}: {theirs.dtype}{list(theirs.shape)} != {own.dtype}{list(own.shape)}"
+                )
+        elif theirs.dim() > 0 and tuple(theirs.shape) not in shapes:
+            raise ValueError(f"{path}: shape {list(theirs.shape)} is no parameter's")
+        bad = (
+            theirs.is_floating_point()
+            and theirs.numel() > 0
+            and not (bool(torch.isfinite(theirs).all()) and float(theirs.abs().max()) <= max_abs)
+        )
+        if bad:
+            raise ValueError(f"{path}: not finite, or above {max_abs:g}")
         return
-    if isinstance(own, dict):
-        if not isinstance(theirs, dict):
-            raise ValueError(f"{path}: not a map")
-        for key in own:
+    if isinstance(theirs, dict):
+        if own is not None and not isinstance(own, dict):
+            raise ValueError(f"{path}: a map where a {type(own).__name__} is due")
+        mine = own or {}
+        for key in mine:
             if key not in theirs:
                 raise ValueError(f"{path}.{key}: missing")
         for key, value in theirs.items():
-            if key == "state" and isinstance(value, dict):  # optimizer buffers, by parameter
+            sub = f"{path}.{key}"
+            if key == "state" and isinstance(value, dict) and not settings:  # per parameter
                 for k, v in value.items():
-                    check_state(v, own.get("state", {}).get(k), bound, f"{path}.state.{k}")
-            elif key in own:
-                check_state(value, own[key], bound, f"{path}.{key}")
+                    check_state(v, mine.get("state", {}).get(k), shapes, max_abs, f"{sub}.{k}")
             else:
-                check_state(value, None, bound, f"{path}.{key}")
+                inner = settings or key == "param_groups"
+                check_state(value, mine.get(key), shapes, max_abs, sub, inner)
         return
-    if isinstance(own, list):
-        if not isinstance(theirs, list) or len(theirs) != len(own):
-            raise ValueError(f"{path}: not a list of {len(own)}")
-        for i, (t, o) in enumerate(zip(theirs, own, strict=True)):
-            check_state(t, o, bound, f"{path}[{i}]")
-        return
-    if isinstance(theirs, dict):
-        for k, v in theirs.items():
-            check_state(v, None, bound, f"{path}.{k}")
-    elif isinstance(theirs, list):
+    if isinstance(theirs, list):
+        if own is not None and not isinstance(own, list):
+            raise ValueError(f"{path}: a list where a {type(own).__name__} is due")
+        if own and len(theirs) != len(own):
+            raise ValueError(f"{path}: {len(theirs)} entries, not {len(own)}")
         for i, v in enumerate(theirs):
-            check_state(v, None, bound, f"{path}[{i}]")
-    elif (
-        own is not None
-        and theirs != own
-        and not (
+            check_state(v, own[i] if own else None, shapes, max_abs, f"{path}[{i}]", settings)
+        return
+    if own is None:
+        return
+    if settings:
+        same = theirs == own or (
             isinstance(own, float)
             and isinstance(theirs, float)
             and math.isnan(own)
             and math.isnan(theirs)
         )
-    ):
-        raise ValueError(f"{path}: {theirs!r} != {own!r}")
+        if not same:
+            raise ValueError(f"{path}: {theirs!r} != {own!r}")
+    elif type(theirs) is not type(own) and not {type(theirs), type(own)} <= {int, float}:
+        raise ValueError(f"{path}: a {type(theirs).__name__} where a {type(own).__name__} is due")
 
 
 def pack_global(flat: torch.Tensor, state: Any, step: int, meta: dict[str, str]) -> bytes:
@@ -231,22 +247,30 @@ def pack_global(flat: torch.Tensor, state: Any, step: int, meta: dict[str, str])
 
 
 def read_global(
-    tensors: dict[str, torch.Tensor], meta: dict[str, str], like: torch.Tensor, own: Any, steps: int
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    like: torch.Tensor,
+    own: Any,
+    step: int,
+    shapes: set[tuple[int, ...]],
+    max_abs: float = 1e6,
 ) -> tuple[torch.Tensor, Any, int]:
     """Check a global checkpoint against this peer's model ``like`` and state ``own``.
 
-    Returns the model, the state and the step; ValueError (the reason) if it does not fit.
+    ``step``: the step its round starts at; ``shapes``: the parameters' (state buffers must
+    have one). Returns the model, the state and the step; ValueError (why) if it does not fit.
     """
     flat = tensors.get("global")
     if flat is None or flat.shape != like.shape or flat.dtype != like.dtype:
         raise ValueError(f"the model is not {like.dtype}{list(like.shape)}")
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("the model is not finite")
-    step = number(meta.get("step", ""))
-    if step is None or step > steps:
-        raise ValueError(f"step {meta.get('step')!r} is not in [0, {steps}]")
+    if number(meta.get("step", "")) != step:
+        raise ValueError(f"step {meta.get('step')!r}: its round starts at step {step}")
+    if float(flat.abs().max()) > max_abs:
+        raise ValueError(f"the model has entries above {max_abs:g}")
     state = unpack_state(
         {k[2:]: v for k, v in tensors.items() if k.startswith("s.")}, meta.get("state", "")
     )
-    check_state(state, own, 4 * like.numel())
+    check_state(state, own, shapes, max_abs)
     return flat, state, step

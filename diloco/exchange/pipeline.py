@@ -259,6 +259,9 @@ class ExchangePipeline:
         self.stats.excluded_total += len(reasons)
         for reason in reasons.values():
             log.warning("round %d: payload excluded: %s", round_, reason)
+        if not ok and not self.comm.trusted:  # nothing usable arrived: this peer's own rows
+            log.warning("round %d: no payload usable; this peer's own stands alone", round_)
+            return codec.decode(enc).float().mean(0)
         if not ok:
             raise RuntimeError(f"round {round_}: every payload was rejected")
         gathered = torch.stack([payloads[i] for i in ok])
