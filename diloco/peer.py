@@ -131,6 +131,11 @@ def _malformed(data: bytes, round_key: str, peer: int) -> bytes:
     return pack(tensors, {**meta, "peer": str(peer + 1)})
 
 
+def run_rounds(parts: Any) -> int:
+    """The rounds of the run: H inner steps each, the last one shorter."""
+    return -(-parts.cfg.train.steps // parts.algorithm.inner_steps)
+
+
 def param_shapes(parts: Any) -> set[tuple[int, ...]]:
     """The shapes of the model and of every parameter of the algorithm's optimizers."""
     shapes = {tuple(parts.group.global_param.shape)}
@@ -220,7 +225,7 @@ class PeerTrainer(Trainer):
                 )
             comm.announce(0)
             return self.joined
-        rounds = -(-self.cfg.train.steps // self.algorithm.inner_steps)
+        rounds = run_rounds(self.parts)
         if first >= rounds:
             raise ConfigError(f"worker.join_round={first}", f"the run has {rounds} rounds")
         comm.announce(first)

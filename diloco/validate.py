@@ -37,7 +37,7 @@ from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import ConfigError, parse
 from diloco.data import DataError, load_corpus
 from diloco.exchange.codecs import Encoded, make_codec
-from diloco.peer import check_peer, newest_global
+from diloco.peer import check_peer, newest_global, run_rounds
 
 log = logging.getLogger("diloco")
 
@@ -140,9 +140,7 @@ class Watcher:
 
     def run(self) -> dict[str, Any]:
         """Every round of the run, or until the peers stop posting global models."""
-        cfg = self.cfg
-        h = self.parts.algorithm.inner_steps
-        rounds = -(-cfg.train.steps // h)
+        rounds = run_rounds(self.parts)
         done = 0
         with open(self.run_dir / "scores.jsonl", "w") as out:
             for r in range(rounds):

@@ -145,7 +145,7 @@ class BucketComm(InProcessComm):
                 or self._announced.get(p, (None,))[0] == info.mtime
             ):
                 continue
-            data = self._get(info.key, 32)
+            data = self.fetch(info.key, 32)
             first = number(data.decode("ascii", "replace").strip()) if data is not None else None
             if first is not None:
                 self._announced[p] = (info.mtime, first)
@@ -178,9 +178,6 @@ class BucketComm(InProcessComm):
 
     def fetch(self, key: str, max_bytes: int) -> bytes | None:
         """The object at ``key`` (None: missing, larger than ``max_bytes``, or a store error)."""
-        return self._get(key, max_bytes)
-
-    def _get(self, key: str, max_bytes: int) -> bytes | None:
         try:
             return self.store.get(key, max_bytes)
         except StoreError as err:
@@ -284,7 +281,7 @@ class BucketComm(InProcessComm):
             if info.size > limit:
                 self._reject(p, f"oversized: {info.size} bytes > {limit}", "oversized")
                 continue
-            data = self._get(info.key, limit)
+            data = self.fetch(info.key, limit)
             if data is None:
                 self._reject(p, "could not be read from the store", "unreadable")
                 continue
@@ -359,7 +356,7 @@ class BucketComm(InProcessComm):
         if not rounds:
             return {}
         q = max(rounds)
-        data = self._get(f"{self.run}/weights/{q}", 16 * self.num_workers + 65536)
+        data = self.fetch(f"{self.run}/weights/{q}", 16 * self.num_workers + 65536)
         try:
             w = unpack(data or b"")[0]["weights"]
         except (ValueError, KeyError):
@@ -444,7 +441,7 @@ class BucketComm(InProcessComm):
                 )
                 continue
             for p, info in sorted(found[r], key=lambda x: x[0]):
-                data = self._get(info.key, max_bytes) if info.size <= max_bytes else None
+                data = self.fetch(info.key, max_bytes) if info.size <= max_bytes else None
                 try:
                     tensors, meta = unpack(data or b"")
                 except ValueError as err:
@@ -470,12 +467,7 @@ class BucketComm(InProcessComm):
 
     def rounds_seen(self, at_least: int) -> bool:
         """Whether the store holds payloads of round ``at_least`` or later (the run went on)."""
-        for info in self._list(f"{self.run}/"):
-            parts = info.key[len(self.run) + 1 :].split("/")
-            r = number(parts[0]) if len(parts) == 2 else None
-            if r is not None and r >= at_least:
-                return True
-        return False
+        return any(r >= at_least for rounds in self.posts(1 << 62).values() for r in rounds)
 
     def summary(self) -> dict[str, Any]:
         """This peer's bytes, exclusions by kind, windows the store failed it."""
