@@ -299,3 +299,22 @@ def test_the_validator_needs_the_signing_key(corpus_dir, tmp_path, monkeypatch):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "DILOCO_VALIDATOR_KEY: not set" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_on_the_default_gpt_two_peers_equal_the_simulated_run(tmp_path):
+    """The default model and corpus (1.8M-parameter GPT on Shakespeare), 4 rounds of H=4:
+    measured equal at the first eval and within 7e-7 at the second (the gathered mean
+    sums in another order than the simulated all-reduce)."""
+    run = (
+        "workers.count=2", "train.steps=16", "algorithm.inner_steps=4", "train.eval_every=8",
+        "train.eval_sequences=16", "logger.mode=disabled", "logger.progress=false",
+    )  # fmt: skip
+    swarm, sim = tmp_path / "swarm", tmp_path / "sim"
+    store = f"comm.store={tmp_path / 'store'}"
+    out = launch("diloco.swarm", *run, store, f"hydra.run.dir={swarm}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = launch("diloco.train", *run, f"hydra.run.dir={sim}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((sim / "summary.json").read_text())["params"] == 1_844_928
+    for i in "01":
+        assert evals(swarm / "peers" / i) == pytest.approx(evals(sim), abs=TOL)
