@@ -4,7 +4,7 @@ Starts one ``python -m diloco.peer`` process per worker, each in its own process
 the same overrides plus ``worker.id=i``, a fresh ``comm.run_id`` (unless one is given) and
 its run dir ``<run dir>/peers/<i>`` (its output in ``peers/<i>.log``); ``swarm.peer_overrides``
 adds overrides to single peers (``"1:worker.join_round=3"``). It waits for them (at most
-``swarm.timeout_s``; Ctrl-C or the timeout stops every peer), then writes the run dir as
+``swarm.timeout_s``; Ctrl-C, SIGTERM or the timeout stops every peer), then writes the run dir as
 ``diloco.train`` does: ``summary.json`` (the honest peers' mean final eval loss and bytes
 per worker, each peer's summary and exit code) and ``metrics.jsonl`` (the lowest-id honest
 peer that finished). ``swarm.validator=true`` also starts ``python -m diloco.validate``
@@ -198,6 +198,8 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]
         run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
     mine += ["comm=bucket", f"comm.store={store}", f"comm.run_id={run_id}"]
     log.info("swarm: %d peers, store %s, run %s", k, store, run_id)
+    # SIGTERM (timeout, a scheduler) unwinds like Ctrl-C, so the peers are stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     codes = launch(mine, k, run_dir, sw)
     honest = honest_peers(peer_overrides(sw.peer_overrides, k), k)
     summary = collect(run_dir, codes, honest)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -318,3 +320,28 @@ def test_on_the_default_gpt_two_peers_equal_the_simulated_run(tmp_path):
     assert json.loads((sim / "summary.json").read_text())["params"] == 1_844_928
     for i in "01":
         assert evals(swarm / "peers" / i) == pytest.approx(evals(sim), abs=TOL)
+
+
+def test_a_terminated_swarm_stops_its_peers(corpus_dir, tmp_path):
+    args = tiny(corpus_dir, tmp_path / "swarm", "workers.count=2", "train.steps=100000")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diloco.swarm", *args, f"comm.store={tmp_path / 's'}"],
+        cwd=REPO,
+        env={**os.environ, **OFFLINE},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        logs = [tmp_path / "swarm" / "peers" / f"{i}.log" for i in range(2)]
+        deadline = time.monotonic() + 120
+        while not all(p.exists() for p in logs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "swarm")], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "peers left running after SIGTERM"
