@@ -15,7 +15,9 @@ current global model. A round in which nobody is present changes nothing.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,3 +74,14 @@ class Faults:
         if self.cfg.rate:
             present = [p and not self._random_away(i, round_) for i, p in enumerate(present)]
         return RoundFaults(present, crashed, slowdown)
+
+
+def kill_self() -> None:
+    """SIGKILL this process, and its process group when it leads one (a machine gone).
+
+    diloco.swarm starts each peer as a group leader: its children (hivemind's DHT,
+    averagers and p2pd daemon) die with it.
+    """
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,11 +37,13 @@ from diloco import metrics as M
 from diloco.build import build_parts
 from diloco.comm.bucket import BucketComm
 from diloco.comm.objects import fingerprint, pack, read_global, unpack
+from diloco.comm.p2p import HivemindComm, probe
 from diloco.comm.stores import StoreError
 from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import Config, ConfigError, from_dict, parse
 from diloco.data import DataError, load_corpus
-from diloco.train import execute
+from diloco.faults import kill_self
+from diloco.train import PEER_TRANSPORTS, execute
 from diloco.trainer import Trainer
 
 log = logging.getLogger("diloco")
@@ -63,6 +63,8 @@ class PeerConfig:
     copy_from: int = field(default=0, metadata={"ge": 0})
     copy_noise: float = field(default=0.0, metadata={"ge": 0.0})  # relative, on float tensors
     kill_at_round: int | None = field(default=None, metadata={"ge": 0})
+    kill_mid_round: int | None = field(default=None, metadata={"ge": 0})  # comm=hivemind
+    stall_at_round: int | None = field(default=None, metadata={"ge": 0})  # comm=hivemind
 
 
 def check_peer(cfg: Config, worker: PeerConfig | None) -> None:
@@ -71,8 +73,16 @@ def check_peer(cfg: Config, worker: PeerConfig | None) -> None:
     Checked before the store is opened.
     """
     k = cfg.workers.count
-    if not str(cfg.comm.get("_target_", "")).endswith("BucketComm"):
-        raise ConfigError("comm", "a peer exchanges through an object store: use comm=bucket")
+    kind = comm_kind(cfg)
+    if kind is None or (worker is None and kind != "bucket"):
+        raise ConfigError(
+            "comm",
+            "a peer exchanges through an object store (comm=bucket) or hivemind (comm=hivemind)"
+            if worker is not None
+            else "the validator reads an object store: use comm=bucket",
+        )
+    if kind == "hivemind":
+        check_hivemind(cfg, worker)
     if worker is None and cfg.validator is None:
         raise ConfigError("validator", "diloco.validate scores with one: validator=gauntlet")
     if worker is not None and worker.id >= k:
@@ -92,28 +102,59 @@ def check_peer(cfg: Config, worker: PeerConfig | None) -> None:
         (
             "attack",
             not str(cfg.attack.get("_target_", "")).endswith("NoAttack"),
-            "peers misbehave by worker.behavior=malformed|copy under comm=bucket",
+            f"peers misbehave by worker.behavior=malformed|copy under comm={kind}",
         ),
         (
             "validator",
             worker is not None and cfg.validator is not None,
-            "runs as its own process under comm=bucket: python -m diloco.validate",
+            f"runs as its own process under comm={kind}: python -m diloco.validate",
         ),
         (
             "sync",
             not str(cfg.sync.get("_target_", "")).endswith(".All"),
-            "windows are real under comm=bucket (comm.deadline_s, comm.quorum): use sync=all",
+            f"windows are real under comm={kind}: use sync=all",
         ),
         (
             "faults",
             bool(cfg.faults.events or cfg.faults.rate),
-            "faults are real under comm=bucket: kill a peer or start it late",
+            f"faults are real under comm={kind}: kill a peer or start it late",
         ),
         ("workers.ranks_per_worker", cfg.workers.ranks_per_worker > 1, "one process per peer"),
     ]
     for key, bad, why in refusals:
         if bad:
             raise ConfigError(key, why)
+
+
+def comm_kind(cfg: Config) -> str | None:
+    """``bucket`` or ``hivemind``: the peers' transport (None: not a peer's)."""
+    return PEER_TRANSPORTS.get(str(cfg.comm.get("_target_", "")).rsplit(".", 1)[-1])
+
+
+AVERAGED_CODECS = ("NoCodec", "FP16", "BF16", "Int8")  # a mean hivemind can all-reduce
+
+
+def check_hivemind(cfg: Config, worker: PeerConfig | None) -> None:
+    """What hivemind's averaging cannot run: anything that needs every payload."""
+    codec = str(cfg.codec.get("_target_", "")).rsplit(".", 1)[-1]
+    needs_rows = [
+        ("aggregator", not str(cfg.aggregator.get("_target_", "")).endswith(".Mean")),
+        ("codec", codec not in AVERAGED_CODECS),
+        ("codec.error_feedback", bool(cfg.codec.get("error_feedback"))),
+        ("validator", cfg.validator is not None),
+    ]
+    for key, bad in needs_rows:
+        if bad:
+            raise ConfigError(
+                key,
+                "hivemind averages (a mean of none, fp16, bf16 or int8 payloads); a run that "
+                "needs every payload (aggregator, validator, sparse codec) needs comm=bucket "
+                "or comm=torchdist",
+            )
+    if worker is not None and worker.behavior != "honest":
+        raise ConfigError(
+            f"worker.behavior={worker.behavior}", "misbehaving peers are a comm=bucket experiment"
+        )
 
 
 def _malformed(data: bytes, round_key: str, peer: int) -> bytes:
@@ -170,10 +211,15 @@ class PeerTrainer(Trainer):
         super().__init__(parts, run_dir)
         self.worker = worker
         self.joined = 0  # the first round this peer took part in
-        comm = self.comm
-        assert isinstance(comm, BucketComm)
-        self.bucket = comm
+        if not isinstance(self.comm, BucketComm | HivemindComm):
+            raise TypeError(f"a peer needs comm=bucket or comm=hivemind, not {self.comm}")
+        comm: Any = self.comm
+        self.bucket = comm  # the store, or hivemind's peers serving their state
         comm.round_of = lambda: self.round
+        if isinstance(comm, HivemindComm):
+            comm.codec = str(parts.cfg.codec.get("_target_", "")).rsplit(".", 1)[-1]
+            comm.kill_at, comm.stall_at = worker.kill_mid_round, worker.stall_at_round
+            comm.model_probe = lambda: probe(self.group.global_param.data)
         if worker.behavior == "malformed":
             comm.outgoing = lambda data, key: _malformed(data, key, worker.id)
         elif worker.behavior == "copy":
@@ -183,7 +229,7 @@ class PeerTrainer(Trainer):
         """The victim's object of this window, renamed as this peer's (None if it never came)."""
         c = self.bucket.cfg
         key = f"{self.bucket.run}/{round_key}/{self.worker.copy_from}"
-        deadline = time.monotonic() + c.deadline_s  # type: ignore[attr-defined]
+        deadline = time.monotonic() + c.deadline_s
         while time.monotonic() < deadline:
             got = self.bucket.fetch(key, 4 * len(data) + 65536)
             if got is not None:
@@ -199,7 +245,7 @@ class PeerTrainer(Trainer):
                             scale = self.worker.copy_noise * float(t.float().std())
                             tensors[name] = (t.float() + scale * noise).to(t.dtype)
                 return pack(tensors, {**meta, "peer": str(self.worker.id)})
-            time.sleep(c.poll_s)  # type: ignore[attr-defined]
+            time.sleep(c.poll_s)
         return None
 
     # -- joining --------------------------------------------------------------------------------
@@ -232,12 +278,12 @@ class PeerTrainer(Trainer):
         deadline = time.monotonic() + w.join_timeout_s
         found = self._newest_global(first)
         while found is None and time.monotonic() < deadline:
-            time.sleep(comm.cfg.poll_s)  # type: ignore[attr-defined]
+            time.sleep(comm.cfg.poll_s)
             found = self._newest_global(first)
         if found is None:
             raise ConfigError(
                 f"worker.join_round={first}",
-                f"no global model of that round in {comm.cfg.store} "  # type: ignore[attr-defined]
+                f"no global model of that round in {getattr(comm.cfg, 'store', 'the DHT')} "
                 f"after worker.join_timeout_s={w.join_timeout_s:g}",
             )
         self._start_from(*found)
@@ -247,11 +293,38 @@ class PeerTrainer(Trainer):
         self.joined = found[0]
         return self.joined
 
-    def _start_from(self, round_: int, flat: torch.Tensor, state: Any, step: int) -> None:
-        """Take the global model, the algorithm's state and the step of round ``round_``."""
+    def _take(self, flat: torch.Tensor, state: Any) -> None:
+        """The global model and the algorithm's state of others, as this peer's."""
         self.algorithm.load_state_dict(state)
         self.group.global_param.data.copy_(flat)
         self.group.pull()
+
+    def _resync(self) -> None:
+        """After a round averaged alone or apart: the others' model of the next round.
+
+        A hivemind peer whose round went wrong (no group, or peers of another model) would
+        otherwise train on alone, a window behind the others for good.
+        """
+        c, comm, me, r = self.bucket.cfg, self.bucket, self.worker.id, self.round
+        comm.out_of_sync = False
+        deadline = time.monotonic() + c.matchmaking_s + 2 * c.request_timeout_s
+        while True:
+            found = self._newest_global(self.round)
+            if found is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(c.poll_s)
+        if found is None:
+            log.warning("peer %d: no peer serves round %d or later: going on alone", me, r)
+            return
+        self._take(found[1], found[2])
+        # the others may be rounds ahead: this peer skips to theirs (its data goes on)
+        self.progress.round, self.progress.step = found[0], found[3]
+        comm.stats["resynced"] += 1
+        log.warning("peer %d: resynced to the others' model of round %d", me, found[0])
+
+    def _start_from(self, round_: int, flat: torch.Tensor, state: Any, step: int) -> None:
+        """Take the global model, the algorithm's state and the step of round ``round_``."""
+        self._take(flat, state)
         self.progress.round, self.progress.step = round_, step
         # the batches this peer trained on before (a restart): its data goes on from there,
         # as a crashed worker's does in simulation
@@ -276,14 +349,19 @@ class PeerTrainer(Trainer):
                 "peer %d: killed at round %d (worker.kill_at_round)", self.worker.id, self.round
             )
             sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_self()
         super()._round(plan, logger)
 
     def _end_round(self, row: dict[str, float], n: int, logger: M.Logger, last: bool) -> None:
+        resync = not last and getattr(self.bucket, "out_of_sync", False)
+        if resync:  # this round as it went, logged; then the others' model
+            super()._end_round(row, n, logger, last)
+            self._resync()
         if not last:  # the model the next round starts from, for late and restarted peers
             state = self.algorithm.state_dict()
             self.bucket.post_global(self.round, self.group.global_param.data, state, self.step)
-        super()._end_round(row, n, logger, last)
+        if not resync:
+            super()._end_round(row, n, logger, last)
 
 
 def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:

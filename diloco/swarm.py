@@ -36,7 +36,7 @@ from diloco.comm.bucket import VALIDATOR_KEY
 from diloco.comm.stores import StoreError, open_store
 from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import ConfigError, from_dict, parse
-from diloco.peer import PeerConfig, check_peer
+from diloco.peer import PeerConfig, check_peer, comm_kind
 
 log = logging.getLogger("diloco")
 
@@ -64,15 +64,28 @@ def peer_overrides(items: list[str], k: int) -> dict[int, list[str]]:
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every peer's process group, then SIGKILL what is left."""
+    """SIGTERM every peer's process group, then SIGKILL what is left.
+
+    Groups of peers that exited too: a peer's children (hivemind's DHT and averager
+    processes, its p2pd daemon) outlive a peer that was SIGKILLed alone.
+    """
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, sig)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, sig)
         deadline = time.monotonic() + 5
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        while any(_group_alive(p.pid) for p in procs) and time.monotonic() < deadline:
             time.sleep(0.05)
+            for p in procs:
+                p.poll()  # reap the leader
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _start(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -82,8 +95,24 @@ def _start(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Po
         )
 
 
-def launch(overrides: list[str], k: int, run_dir: Path, sw: SwarmConfig) -> list[int | None]:
-    """Start the K peers (and the validator), wait; the peers' exit codes (None: timed out)."""
+def _wait_maddrs(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> list[str]:
+    """The multiaddrs the first hivemind peer wrote (it joined the DHT)."""
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the first peer did not join the DHT ({first_error(path.parent.parent)})"
+            )
+        time.sleep(0.05)
+    return path.read_text().split()
+
+
+def launch(
+    overrides: list[str], k: int, run_dir: Path, sw: SwarmConfig, hivemind: bool = False
+) -> tuple[list[int | None], list[int]]:
+    """Start the K peers (and the validator), wait; their exit codes (None: timed out), pids.
+
+    ``hivemind``: peer 0 starts first; the others get its multiaddrs as initial peers.
+    """
     extra = peer_overrides(sw.peer_overrides, k)
     (run_dir / "peers").mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
@@ -95,14 +124,20 @@ def launch(overrides: list[str], k: int, run_dir: Path, sw: SwarmConfig) -> list
             cmd = [sys.executable, "-m", "diloco.validate", *overrides]
             cmd.append(f"hydra.run.dir={run_dir / 'validator'}")
             procs.append(_start(cmd, run_dir / "validator.log", env))
+        deadline = time.monotonic() + sw.timeout_s
+        more: list[str] = []
         for i in range(k):
             cmd = [
                 sys.executable, "-m", "diloco.peer", *overrides, f"worker.id={i}",
-                f"hydra.run.dir={run_dir / 'peers' / str(i)}", *extra.get(i, []),
+                f"hydra.run.dir={run_dir / 'peers' / str(i)}", *more, *extra.get(i, []),
             ]  # fmt: skip
+            if hivemind and i == 0:  # the first peer's multiaddrs bootstrap the others
+                cmd.append(f"comm.maddrs_file={run_dir / 'peers' / '0.maddrs'}")
             procs.append(_start(cmd, run_dir / "peers" / f"{i}.log", env))
+            if hivemind and i == 0:
+                maddrs = _wait_maddrs(run_dir / "peers" / "0.maddrs", procs[-1], deadline)
+                more = ["comm.initial_peers=[" + ",".join(f"'{a}'" for a in maddrs) + "]"]
         peers = procs[-k:]
-        deadline = time.monotonic() + sw.timeout_s
         while any(p.poll() is None for p in peers) and time.monotonic() < deadline:
             time.sleep(0.1)
         if sw.validator:  # it scores the last round once the peers posted it
@@ -111,7 +146,8 @@ def launch(overrides: list[str], k: int, run_dir: Path, sw: SwarmConfig) -> list
     finally:
         timed_out = [p.poll() is None for p in procs[-k:]]
         _stop(procs)
-    return [None if t else p.returncode for p, t in zip(procs[-k:], timed_out, strict=True)]
+    codes = [None if t else p.returncode for p, t in zip(procs[-k:], timed_out, strict=True)]
+    return codes, [p.pid for p in procs[-k:]]
 
 
 def first_error(run_dir: Path) -> str:
@@ -128,7 +164,9 @@ def _validator_summary(run_dir: Path) -> dict[str, Any]:
     return {"validator": json.loads(path.read_text())} if path.exists() else {}
 
 
-def collect(run_dir: Path, codes: list[int | None], honest: set[int]) -> dict[str, Any]:
+def collect(
+    run_dir: Path, codes: list[int | None], honest: set[int], pids: list[int] | None = None
+) -> dict[str, Any]:
     """The swarm's summary from the peers' run dirs; metrics.jsonl of the first that finished.
 
     ``final_eval_loss`` and bytes are means over the ``honest`` peers (no misbehaviour
@@ -139,6 +177,8 @@ def collect(run_dir: Path, codes: list[int | None], honest: set[int]) -> dict[st
         path = run_dir / "peers" / str(i) / "summary.json"
         s = json.loads(path.read_text()) if path.exists() else {}
         peers[str(i)] = {"exit_code": code, "honest": i in honest, **s}
+        if pids:
+            peers[str(i)]["pid"] = pids[i]
     finished = [int(i) for i, p in peers.items() if "final_eval_loss" in p]
     if not finished:
         raise RuntimeError(f"no peer finished ({first_error(run_dir)}): see {run_dir / 'peers'}")
@@ -163,12 +203,26 @@ def collect(run_dir: Path, codes: list[int | None], honest: set[int]) -> dict[st
 
 def honest_peers(extra: dict[int, list[str]], k: int) -> set[int]:
     """The peers asked for no misbehaviour (behaviour, kill) in ``swarm.peer_overrides``."""
-    odd = ("worker.behavior=", "worker.kill_at_round=")
+    odd = ("worker.behavior=", "worker.kill_at_round=", "worker.kill_mid_round=")
     return {
         i
         for i in range(k)
         if not any(o.startswith(odd) and o != "worker.behavior=honest" for o in extra.get(i, []))
     }
+
+
+def bucket_store(cfg: Any, mine: list[str]) -> str:
+    """The store as every peer names it (an absolute path), checked once; added to ``mine``."""
+    store = cfg.comm["store"]
+    if "://" not in store or store.startswith("file://"):  # the peers' path, whatever their cwd
+        path = store.removeprefix("file://")
+        store = "file://" + str(Path(path).resolve())
+    try:  # one line now, rather than one per peer
+        open_store(store, cfg.comm.get("endpoint_url"), cfg.comm["store_timeout_s"]).check()
+    except (ValueError, StoreError) as err:
+        raise ConfigError(f"comm.store={cfg.comm['store']}", str(err)) from None
+    mine.append(f"comm.store={store}")
+    return store
 
 
 def run(node: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -180,29 +234,25 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]
     check_peer(cfg, PeerConfig())
     k = cfg.workers.count
     peer_overrides(sw.peer_overrides, k)
-    store = cfg.comm["store"]
+    kind = comm_kind(cfg)
+    if sw.validator and kind != "bucket":
+        raise ConfigError("swarm.validator=true", "the validator reads a store: comm=bucket")
     mine = [
         o
         for o in overrides
-        if not o.startswith(("swarm.", "hydra.", "comm.store=", "comm.run_id="))
+        if not o.startswith(("swarm.", "hydra.", "comm=", "comm.store=", "comm.run_id="))
     ]
-    if "://" not in store or store.startswith("file://"):  # the peers' path, whatever their cwd
-        path = store.removeprefix("file://")
-        store = "file://" + str(Path(path).resolve())
-    try:  # one line now, rather than one per peer
-        open_store(store, cfg.comm.get("endpoint_url"), cfg.comm["store_timeout_s"]).check()
-    except (ValueError, StoreError) as err:
-        raise ConfigError(f"comm.store={cfg.comm['store']}", str(err)) from None
     run_id = cfg.comm["run_id"]
     if not any(o.startswith("comm.run_id=") for o in overrides):
-        run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
-    mine += ["comm=bucket", f"comm.store={store}", f"comm.run_id={run_id}"]
-    log.info("swarm: %d peers, store %s, run %s", k, store, run_id)
+        run_id = f"{run_dir.name.replace('.', '-')}-{uuid.uuid4().hex[:8]}"
+    mine += [f"comm={kind}", f"comm.run_id={run_id}"]
+    where = "the DHT" if kind == "hivemind" else f"store {bucket_store(cfg, mine)}"
+    log.info("swarm: %d peers, %s, run %s", k, where, run_id)
     # SIGTERM (timeout, a scheduler) unwinds like Ctrl-C, so the peers are stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    codes = launch(mine, k, run_dir, sw)
+    codes, pids = launch(mine, k, run_dir, sw, hivemind=kind == "hivemind")
     honest = honest_peers(peer_overrides(sw.peer_overrides, k), k)
-    summary = collect(run_dir, codes, honest)
+    summary = collect(run_dir, codes, honest, pids)
     log.info("summary (%s)\n%s", run_dir, M.format_table([summary], M.SUMMARY_COLUMNS))
     return summary
 

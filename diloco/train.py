@@ -63,6 +63,10 @@ Start = Callable[[Communicator, torch.device, Path], tuple[Trainer, bool]]
 """``start(comm, device, run_dir)``: the trainer, and whether it continues an earlier run."""
 
 
+PEER_TRANSPORTS = {"BucketComm": "bucket", "HivemindComm": "hivemind"}
+"""Communicators of one peer per process, started by :mod:`diloco.peer`."""
+
+
 def execute(
     resolved: dict[str, Any], cfg: Config, run_dir: Path, overrides: list[str], start: Start,
     **comm_args: Any,
@@ -101,6 +105,12 @@ def run(node: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
     """
     resolved: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
     cfg = parse(resolved)
+    target = str(cfg.comm.get("_target_", "")).rsplit(".", 1)[-1]
+    if target in PEER_TRANSPORTS:
+        raise ConfigError(
+            f"comm={PEER_TRANSPORTS[target]}",
+            "one peer per process: python -m diloco.peer (K on this machine: diloco.swarm)",
+        )
 
     def start(comm: Communicator, device: torch.device, run_dir: Path) -> tuple[Trainer, bool]:
         trainer = Trainer(build_parts(cfg, comm, device, load_corpus(cfg.data)), run_dir)

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 
 from diloco.comm.base import Collective, CommConfig
-from diloco.comm.inprocess import InProcessComm
+from diloco.comm.inprocess import PeerComm
 from diloco.comm.objects import number, pack, pack_global, read_payload, tensor_digest, unpack
 from diloco.comm.stores import StoreError, open_store
 from diloco.config import ConfigError
@@ -65,7 +65,7 @@ class BucketConfig(CommConfig):
     checkpoint_every: int = field(default=1, metadata={"ge": 1})  # rounds between globals
 
 
-class BucketComm(InProcessComm):
+class BucketComm(PeerComm):
     """This peer's exchanges through the store (see the module docstring).
 
     Args:
@@ -86,15 +86,12 @@ class BucketComm(InProcessComm):
         fingerprint: str = "",
         **kwargs: Any,
     ) -> None:
-        super().__init__(cfg, num_workers=num_workers, **kwargs)
-        if not -1 <= peer < num_workers:  # -1: an observer (the validator), posting nothing
-            raise ConfigError(f"worker.id={peer}", f"must be in [0, {num_workers})")
+        # -1: an observer (the validator), posting nothing
+        super().__init__(
+            cfg, num_workers=num_workers, peer=peer, fingerprint=fingerprint, observer=True,
+            **kwargs,
+        )  # fmt: skip
         c: BucketConfig = self.cfg  # type: ignore[assignment]
-        self.peer = peer
-        self.fingerprint = fingerprint  # the run's config: other runs' objects are excluded
-        self.local_ids = [max(peer, 0)]
-        self.sent = torch.zeros(1, dtype=torch.float64)  # this peer's bytes put
-        self.recv = torch.zeros(1, dtype=torch.float64)  # and got
         try:
             self.store = open_store(c.store, c.endpoint_url, c.store_timeout_s)
         except ValueError as err:
@@ -104,14 +101,12 @@ class BucketComm(InProcessComm):
         except StoreError as err:
             raise ConfigError(f"comm.store={c.store}", str(err)) from None
         self.run = c.run_id.strip("/")
-        self.round_of: Callable[[], int] = lambda: 0
         self.outgoing: Callable[[bytes, str], bytes | None] | None = None  # a peer's behaviour
         self.received: torch.Tensor | None = None
         self.rejected: dict[int, str] = {}
         self.kinds: dict[int, str] = {}  # the kind of each exclusion of the last window
         self.missed: set[int] = set()
         self.first = True
-        self._calls: tuple[int, int] = (-1, 0)  # (round, exchanges so far in it)
         self._seen: dict[str, str] = {}  # digest -> "round/peer" of recent objects
         self.skipped = 0  # windows in which the store failed this peer
         self.excluded: dict[str, int] = {}  # reason kind -> count, for the summary
@@ -122,10 +117,7 @@ class BucketComm(InProcessComm):
     # -- keys -----------------------------------------------------------------------------------
 
     def _round_key(self) -> str:
-        r = self.round_of()
-        last, n = self._calls
-        n = n + 1 if last == r else 0
-        self._calls = (r, n)
+        r, n = self._next_exchange()
         return str(r) if n == 0 else f"{r}-{n}"
 
     def _meta(self, round_key: str) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +142,40 @@ class InProcessComm:
         """Restore byte counters."""
         self.sent.copy_(state["sent"])
         self.recv.copy_(state["recv"])
+
+
+class PeerComm(InProcessComm):
+    """One peer of a permissionless run per process (``comm=bucket``, ``comm=hivemind``).
+
+    Hosts one worker, ``peer`` (-1: an observer that sends nothing, when ``observer``);
+    ``sent`` / ``recv`` are this peer's bytes; ``round_of`` (set by the peer's trainer)
+    numbers its exchanges; ``fingerprint`` is the run's shared config.
+    """
+
+    def __init__(
+        self,
+        cfg: CommConfig | None = None,
+        *,
+        num_workers: int,
+        peer: int = 0,
+        fingerprint: str = "",
+        observer: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(cfg, num_workers=num_workers, **kwargs)
+        if not (-1 if observer else 0) <= peer < num_workers:
+            raise ConfigError(f"worker.id={peer}", f"must be in [0, {num_workers})")
+        self.peer = peer
+        self.fingerprint = fingerprint  # the run's config: other runs' payloads are refused
+        self.local_ids = [max(peer, 0)]
+        self.sent = torch.zeros(1, dtype=torch.float64)  # this peer's bytes sent
+        self.recv = torch.zeros(1, dtype=torch.float64)  # and received
+        self.round_of: Callable[[], int] = lambda: 0
+        self._calls: tuple[int, int] = (-1, 0)  # (round, exchanges so far in it)
+
+    def _next_exchange(self) -> tuple[int, int]:
+        """(round, index of this exchange in it): several per round (fragments)."""
+        r = self.round_of()
+        last, n = self._calls
+        self._calls = (r, n + 1 if last == r else 0)
+        return self._calls
