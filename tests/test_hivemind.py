@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from diloco.comm.objects import pack_global
-from diloco.comm.p2p import HivemindComm, HivemindConfig
+from diloco.comm.p2p import HivemindComm, HivemindConfig, probe
 from diloco.config import ConfigError
 from diloco.peer import PeerConfig, check_peer
 from tests.helpers import make_config
@@ -251,3 +251,26 @@ def test_a_peer_that_missed_a_window_resyncs_to_the_others(corpus_dir, tmp_path)
     assert late["group_sizes"][-1] == first["group_sizes"][-1] == 3  # back in their groups
     losses = [peers[i]["final_eval_loss"] for i in "012"]
     assert max(losses) - min(losses) < 1e-6  # one model again
+
+
+def test_a_peer_of_another_model_is_flagged_out_of_sync():
+    a, b = pair()
+    try:
+        mine = probe(torch.linspace(-1, 1, 1000))
+        close = [x * (1 + 1e-9) for x in mine]
+        far = [mine[0] + 1e-3, mine[1]]
+        group = {"x": {"peer": 0, "model": close}, "y": {"peer": 1, "model": mine}}
+        b._check_models(group, mine, 0)  # rounding apart: the same model
+        assert not b.out_of_sync and b.stats["diverged"] == 0
+        group["x"]["model"] = far
+        b._check_models(group, mine, 1)
+        assert b.out_of_sync and b.stats["diverged"] == 1
+        group["x"]["model"] = ["not", "numbers"]  # untrusted metadata: no crash
+        b.out_of_sync = False
+        b._check_models(group, mine, 2)
+        assert b.out_of_sync
+        a._check_models(group, far, 3)  # the lowest id keeps its own
+        assert not a.out_of_sync
+    finally:
+        a.close()
+        b.close()

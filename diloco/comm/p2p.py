@@ -96,6 +96,15 @@ def probe(flat: torch.Tensor) -> list[float]:
     return [float(x.sum()), float(x @ _SIGNS[x.numel()])]
 
 
+def members_of(gathered: dict[Any, Any]) -> dict[int, dict[str, Any]]:
+    """Each group member's metadata by peer id; malformed entries (untrusted) left out."""
+    out = {}
+    for v in gathered.values():
+        if isinstance(v, dict) and isinstance(v.get("peer"), int) and v["peer"] >= 0:
+            out[v["peer"]] = v
+    return out
+
+
 def _hivemind() -> Any:
     try:
         import hivemind
@@ -126,7 +135,9 @@ def checked_averager(hivemind: Any) -> type:
                 kwargs = {**kwargs, "compression": NoCompression(), "tensor_infos": None}
                 await super()._run_allreduce_inplace_([vote], group_info, vote_id, **kwargs)
                 voter = self._running_groups[vote_id].result()
-                if voter.tensor_part_container.failed_size or abs(float(vote[0]) - 1.0) > 1e-6:
+                if voter.tensor_part_container.failed_size:
+                    raise AllreduceException("partial average? the vote's result was lost")
+                if abs(float(vote[0]) - 1.0) > 1e-6:
                     raise AllreduceException(
                         f"partial average: {1 - float(vote[0]):.0%} of the group not whole"
                     )
@@ -180,7 +191,8 @@ class HivemindComm(PeerComm):
         self.stall_at: int | None = None  # fault injection: miss this round's window
         self.model_probe: Callable[[], list[float]] = lambda: []  # the round's start model
         self.out_of_sync = False  # averaged alone, or with peers of another model: resync
-        self.first = True  # the first exchange waits comm.join_deadline_s for the others
+        self.first = True  # the first exchange of each size waits comm.join_deadline_s
+        self._started: set[int] = set()  # payload sizes exchanged once
         self._wire: dict[int, float] = {}
         self._averagers: dict[int, Any] = {}
         self.took_part: dict[int, list[int]] = {}  # peer -> rounds it averaged in
@@ -271,8 +283,13 @@ class HivemindComm(PeerComm):
         c: HivemindConfig = self.cfg  # type: ignore[assignment]
         self.stats["exchanges"] += 1
         out = None
-        window = c.join_deadline_s if self.first else c.matchmaking_s
+        # the first exchange of a size waits for the others (starting up, or starting that
+        # size's averager); a redo does not
+        window = (
+            c.join_deadline_s if self.first or row.numel() not in self._started else c.matchmaking_s
+        )
         self.first = False
+        self._started.add(row.numel())
         if self.stall_at == r and n == 0:
             log.warning("peer %d: stalls past round %d's window (stall_at_round)", self.peer, r)
             time.sleep(window + 2 * c.request_timeout_s + 1.0)
@@ -292,6 +309,7 @@ class HivemindComm(PeerComm):
                     self._die_mid_allreduce(control)
                 gathered = control.result(timeout=found_by + c.allreduce_timeout_s + 10)
             except Exception as err:  # no group, a partial average, a timeout
+                window = c.matchmaking_s
                 partial = "partial average" in str(err)
                 self.stats["partial"] += partial
                 if "could not find a group" not in str(err) and attempt < c.retries:
@@ -300,10 +318,13 @@ class HivemindComm(PeerComm):
                     continue
                 log.warning("round %d: no group (%s); this peer's payload alone", r, repr(err))
                 break
-            members = [int(v["peer"]) for v in gathered.values() if isinstance(v, dict)]
-            if any(v.get("round") != r for v in gathered.values() if isinstance(v, dict)):
-                log.warning("round %d: a group member of another round; taken alone", r)
+            group_meta = members_of(gathered)
+            if len(group_meta) != len(gathered) or any(
+                v.get("round") != r for v in group_meta.values()
+            ):
+                log.warning("round %d: a group member of another round or run; taken alone", r)
                 break
+            members = list(group_meta)
             with avg.get_tensors() as t:
                 out = t[0].clone()
             self._check_models(gathered, digest, r)
@@ -328,9 +349,14 @@ class HivemindComm(PeerComm):
         """Flag this peer out of sync if its model is not the lowest-id member's.
 
         Peers drift apart when an all-reduce ended whole for some and partial for others.
-        Models are compared by :func:`probe` (equal peers differ by float rounding only).
+        Models are compared by :func:`probe` (equal peers differ by float rounding only);
+        not under lossy compression, whose rounding of the returned mean sets peers apart.
         """
-        models = {int(v["peer"]): v.get("model") for v in gathered.values() if isinstance(v, dict)}
+        if self.compression != "none":
+            return
+        models = {p: v.get("model") for p, v in members_of(gathered).items()}
+        if not models or min(models) == self.peer:  # the lowest id keeps its own
+            return
         theirs = models[min(models)]  # a peer's metadata: untrusted
         if (
             not isinstance(theirs, list)
