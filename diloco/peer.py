@@ -266,7 +266,8 @@ class PeerTrainer(Trainer):
             if past:  # never train the run again from round 0 over its own old objects
                 raise ConfigError(
                     "comm.run_id",
-                    f"{comm.run!r} holds this peer's payloads of rounds {past[0]}..{past[-1]} "
+                    f"{comm.cfg.run_id.strip('/')!r} holds this peer's payloads of rounds "
+                    f"{past[0]}..{past[-1]} "
                     "but no global model to rejoin from: use a fresh comm.run_id",
                 )
             comm.announce(0)
@@ -307,10 +308,13 @@ class PeerTrainer(Trainer):
         """
         c, comm, me, r = self.bucket.cfg, self.bucket, self.worker.id, self.round
         comm.out_of_sync = False
-        deadline = time.monotonic() + c.matchmaking_s + 2 * c.request_timeout_s
+        start, comm.seen_round = time.monotonic(), None
+        quick = c.matchmaking_s + 2 * c.request_timeout_s  # nobody serving: alone for now
         while True:
             found = self._newest_global(self.round)
-            if found is not None or time.monotonic() >= deadline:
+            # a peer serves an older state: the others are still averaging; wait for them
+            limit = quick if comm.seen_round is None else quick + c.allreduce_timeout_s
+            if found is not None or time.monotonic() >= start + limit:
                 break
             time.sleep(c.poll_s)
         if found is None:

@@ -132,6 +132,7 @@ def launch(
                 f"hydra.run.dir={run_dir / 'peers' / str(i)}", *more, *extra.get(i, []),
             ]  # fmt: skip
             if hivemind and i == 0:  # the first peer's multiaddrs bootstrap the others
+                (run_dir / "peers" / "0.maddrs").unlink(missing_ok=True)  # a reused run dir
                 cmd.append(f"comm.maddrs_file={run_dir / 'peers' / '0.maddrs'}")
             procs.append(_start(cmd, run_dir / "peers" / f"{i}.log", env))
             if hivemind and i == 0:

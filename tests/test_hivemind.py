@@ -110,12 +110,13 @@ def test_a_joiner_loads_the_served_state_and_refuses_another_runs():
     a, b = pair()
     try:
         flat = torch.arange(6, dtype=torch.float32)
-        a.took_part = {0: [0, 1, 2], 1: [0, 1]}
+        a.took_part = {0: [0, 1, 2], 1: [0, 1, -5, 3, 10**9], 7: [0]}  # some not possible
         a.post_global(3, flat, {"m": torch.ones(6)}, 12)
         (got,) = list(b.global_models(at_least=2))
         assert got[0] == 3 and torch.equal(got[1]["global"], flat)
         assert got[2]["step"] == "12"
-        assert b.rounds_posted(3) == [0, 1]  # its own past, from the served record
+        assert b.rounds_posted(10**10) == [0, 1]  # its own past, rounds before 3 only
+        assert 7 not in b.took_part  # no such peer
         assert list(b.global_models(at_least=4)) == []
         b.fingerprint = "another run"
         assert list(b.global_models()) == []
@@ -130,6 +131,8 @@ def test_a_bad_initial_peer_and_timeouts_are_one_line():
         HivemindComm(HivemindConfig(initial_peers=["/ip4/127.0.0.1/tcp/1"]), num_workers=2)
     with pytest.raises(ConfigError, match="comm.request_timeout_s=5: must be below"):
         HivemindComm(HivemindConfig(request_timeout_s=5.0), num_workers=2)
+    with pytest.raises(ConfigError, match="comm.target_group_size=2: 0 or workers.count=3"):
+        HivemindComm(HivemindConfig(target_group_size=2), num_workers=3)
     with pytest.raises(ConfigError, match="comm.run_id=a.b"):
         HivemindComm(HivemindConfig(run_id="a.b"), num_workers=2)
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -89,7 +91,7 @@ _SIGNS: dict[int, torch.Tensor] = {}
 
 def probe(flat: torch.Tensor) -> list[float]:
     """Two numbers that tell models apart: the sum and a fixed random-sign projection."""
-    x = flat.detach().reshape(-1).double().cpu()
+    x = flat.detach().reshape(-1).cpu().double()
     if x.numel() not in _SIGNS:
         g = torch.Generator().manual_seed(0)
         _SIGNS[x.numel()] = torch.randint(0, 2, (x.numel(),), generator=g).double() * 2 - 1
@@ -142,7 +144,9 @@ def checked_averager(hivemind: Any) -> type:
                         f"partial average: {1 - float(vote[0]):.0%} of the group not whole"
                     )
             finally:
-                self._running_groups.pop(vote_id, None)
+                pending = self._running_groups.pop(vote_id, None)
+                if pending is not None and not pending.done():
+                    pending.cancel()  # a late voter's handler is not left waiting
 
         def get_current_state(self) -> Any:  # served to late peers, run in this process
             if self.state_fn is None:
@@ -185,12 +189,20 @@ class HivemindComm(PeerComm):
                 f"comm.request_timeout_s={c.request_timeout_s:g}",
                 f"must be below comm.matchmaking_s={c.matchmaking_s:g}",
             )
+        if 0 < c.target_group_size < num_workers:
+            raise ConfigError(
+                f"comm.target_group_size={c.target_group_size}",
+                f"0 or workers.count={num_workers}: groups of fewer peers end a round with "
+                "different models (Moshpit averaging), which one model per run cannot hold",
+            )
         self.hm = _hivemind()
         self.codec = "NoCodec"
         self.kill_at: int | None = None  # fault injection: SIGKILL mid all-reduce of this round
         self.stall_at: int | None = None  # fault injection: miss this round's window
         self.model_probe: Callable[[], list[float]] = lambda: []  # the round's start model
         self.out_of_sync = False  # averaged alone, or with peers of another model: resync
+        self.lone = False  # the last exchange found nobody
+        self.seen_round: int | None = None  # the round of the last state a peer served
         self.first = True  # the first exchange of each size waits comm.join_deadline_s
         self._started: set[int] = set()  # payload sizes exchanged once
         self._wire: dict[int, float] = {}
@@ -246,7 +258,7 @@ class HivemindComm(PeerComm):
             [torch.zeros(numel)],
             self.dht,
             start=True,
-            prefix=f"{c.run_id}_{'state' if serve else numel}",
+            prefix=f"{c.run_id}_{self.fingerprint[:8]}_{'state' if serve else numel}",
             target_group_size=c.target_group_size or self.num_workers,
             min_group_size=2,
             min_matchmaking_time=c.matchmaking_s,
@@ -257,6 +269,8 @@ class HivemindComm(PeerComm):
             allow_state_sharing=serve,
             declare_state_period=max(1.0, c.matchmaking_s),
         )
+        if threading.current_thread() is threading.main_thread():  # hivemind ignores SIGINT
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # after start: Ctrl-C stops
         if serve:
             avg.state_fn = self._served
         self._averagers[key] = avg
@@ -301,8 +315,10 @@ class HivemindComm(PeerComm):
             try:
                 start = self.hm.utils.get_dht_time() + window
                 found_by = window + 2 * c.request_timeout_s + 1.0  # the group, or none
+                run = self.fingerprint
                 control = avg.step(
-                    gather={"round": r, "peer": self.peer, "model": digest}, scheduled_time=start,
+                    gather={"round": r, "peer": self.peer, "model": digest, "run": run},
+                    scheduled_time=start,
                     timeout=found_by, allow_retries=False, wait=False,
                 )  # fmt: skip
                 if self.kill_at == r:
@@ -320,7 +336,7 @@ class HivemindComm(PeerComm):
                 break
             group_meta = members_of(gathered)
             if len(group_meta) != len(gathered) or any(
-                v.get("round") != r for v in group_meta.values()
+                v.get("round") != r or v.get("run") != self.fingerprint for v in group_meta.values()
             ):
                 log.warning("round %d: a group member of another round or run; taken alone", r)
                 break
@@ -337,6 +353,7 @@ class HivemindComm(PeerComm):
             self.recv += recv[0]
             self.pending.append(Collective(self.reduce_topology, self._wire_bytes(row.numel())))
             break
+        self.lone = out is None
         if out is None:
             self.stats["alone"] += 1
             self.out_of_sync = self.num_workers > 1  # the others may have gone on without it
@@ -404,7 +421,8 @@ class HivemindComm(PeerComm):
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         took = {str(p): rounds for p, rounds in self.took_part.items()}
         self._state = ({"round": round_, "took_part": took}, [tensor])
-        self._server.state_sharing_priority = float(round_)  # joiners ask the newest first
+        # joiners ask the newest first; a peer that just averaged alone, after them
+        self._server.state_sharing_priority = float(round_) - 0.5 * self.lone
         return True
 
     def _served(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -434,7 +452,10 @@ class HivemindComm(PeerComm):
             return
         data = tensors[0]
         r = meta.get("round")
-        if not isinstance(r, int) or r < at_least or (only is not None and r != only):
+        if not isinstance(r, int):
+            return
+        self.seen_round = r  # a peer serves: worth waiting for a newer state
+        if r < at_least or (only is not None and r != only):
             return
         if data.numel() > max_bytes:
             log.warning("a peer's state skipped: %d bytes > %d", data.numel(), max_bytes)
@@ -448,11 +469,15 @@ class HivemindComm(PeerComm):
             log.warning("a peer's state skipped: another run's, or another round's")
             return
         took = meta.get("took_part")
-        if isinstance(took, dict):
+        if isinstance(took, dict):  # untrusted: peers of this run, rounds before r, once each
             for p, rounds in took.items():
-                if str(p).isdigit() and isinstance(rounds, list):
-                    mine = self.took_part.setdefault(int(p), [])
-                    mine[:] = sorted({*mine, *(x for x in rounds if isinstance(x, int))})
+                if not (str(p).isdigit() and int(p) < self.num_workers) or not isinstance(
+                    rounds, list
+                ):
+                    continue
+                ok = {x for x in rounds[:r] if isinstance(x, int) and 0 <= x < r}
+                mine = self.took_part.setdefault(int(p), [])
+                mine[:] = sorted({*mine, *ok})
         yield r, body, info
 
     def rounds_posted(self, before: int) -> list[int]:
