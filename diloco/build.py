@@ -182,7 +182,7 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
             return arrival_times(steps, speeds, forging, cfg.workers.step_time_s or 1.0, upload_s)
 
         validator = build(
-            cfg.validator, "validator", _loss_at(group), assigned,
+            cfg.validator, "validator", loss_at(group), assigned,
             lambda: to_device(fresh.next_batch()), lambda: group.global_param.data, byzantine,
             arrival, fresh,
         )  # fmt: skip
@@ -299,7 +299,9 @@ def check_memory(cfg: Config, vocab_size: int, local: int, device: torch.device)
         )
 
 
-def _loss_at(group: WorkerGroup) -> Any:
+def loss_at(group: WorkerGroup) -> Any:
+    """``loss_at(flat, batch)``: per-sequence losses of the global model with weights ``flat``."""
+
     @torch.no_grad()
     def loss_at(flat: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Per-sequence mean token loss ``[B]`` of the global model with parameters ``flat``."""

@@ -220,11 +220,15 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------
 
-    def fit(self, logger: M.Logger | None = None) -> dict[str, Any]:
-        """Train to ``train.steps`` inner steps per worker; returns the summary dict."""
+    def fit(self, logger: M.Logger | None = None, until: int | None = None) -> dict[str, Any]:
+        """Train to ``train.steps`` inner steps per worker; returns the summary dict.
+
+        ``until``: stop after the round that reaches this reference step (a competition
+        trains its miners epoch by epoch); a later ``fit`` continues exactly.
+        """
         logger = logger or M.MultiLogger([])
         self._start = time.perf_counter() - self.wall_s
-        while True:
+        while until is None or self.step < until:
             now = self.parts.faults.at(self.round)
             for w in now.crashed:  # a crash loses the worker's local optimizer state
                 if w in self.local_ids:
@@ -233,6 +237,8 @@ class Trainer:
             if plan is None:
                 break
             self._round(plan, logger)
+        else:
+            return self.summary()  # stopped at ``until``
         if self.step == 0 or not self.evaluated:  # nothing run, or never evaluated
             self.last_eval = self.evaluate()
             self.evaluated = True
