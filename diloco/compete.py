@@ -224,12 +224,11 @@ class Competition:
             "rows": self.rows,
             "copy_data": [s.state_dict() for s in self.copy_data],
             "rng": checkpoint.rng_state(),
+            "config": fingerprint(self.cc),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        if len(state["miners"]) != len(self.trainers):
-            raise ConfigError("resume", "the checkpoint has another number of miners")
         self.epoch = state["epoch"]
         for t, s in zip(self.trainers, state["miners"], strict=True):
             t.load_state_dict(s)
@@ -269,6 +268,26 @@ class Competition:
             **{k: self.rows[-1][k] for k in ("best_loss", "flops_total", "bytes_total")},
             "reward_rule": dataclasses.asdict(self.cc.reward),
         }  # fmt: skip
+
+
+def fingerprint(cc: CompeteConfig) -> dict[str, Any]:
+    """The settings a resumed competition must share with the one it continues."""
+    keep = dataclasses.asdict(cc)
+    for key in ("resume", "epochs", "logger"):  # more epochs may follow
+        keep.pop(key)
+    return keep
+
+
+def check_resumable(state: dict[str, Any], cc: CompeteConfig, run_dir: Path) -> None:
+    """A one-line error when ``state`` was written by a competition with other settings."""
+    saved, now = state.get("config", {}), fingerprint(cc)
+    if saved != now:
+        key = next(k for k in now if saved.get(k) != now[k])
+        raise ConfigError(
+            f"resume: {key}",
+            f"differs from the competition checkpointed in {run_dir} ({saved.get(key)!r}); "
+            "resume with the same settings (epochs may grow)",
+        )
 
 
 def flat_row(row: dict[str, Any]) -> dict[str, float]:
@@ -319,17 +338,20 @@ def run(
     )
     cc = from_dict(CompeteConfig, {k: v for k, v in resolved.items() if k != "hydra"})
     run_dir = Path(run_dir)
-    comp = Competition(cc, run_dir)
+    mode = M.wandb_mode(cc.logger.mode)  # online: credentials checked before any work
     ckpt = run_dir / "competition.pt"
     resumed = cc.resume and ckpt.exists()
-    if resumed:
-        comp.load_state_dict(checkpoint.load(ckpt))
+    state = checkpoint.load(ckpt) if resumed else None
+    if state is not None:
+        check_resumable(state, cc, run_dir)
+    comp = Competition(cc, run_dir)
+    if state is not None:
+        comp.load_state_dict(state)
         log.info("resumed the competition at epoch %d", comp.epoch)
     loggers: list[M.Logger] = [
         M.JsonlLogger(run_dir / "metrics.jsonl", comp.epoch if resumed else None),
         M.ProgressLogger(cc.epochs, comp.epoch, cc.logger.progress),
     ]
-    mode = M.wandb_mode(cc.logger.mode)
     if mode != "disabled":
         cc.logger.mode = mode  # type: ignore[assignment]
         loggers.append(M.WandbLogger(run_dir, cc.logger, resolved))

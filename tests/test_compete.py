@@ -177,6 +177,9 @@ def test_resume_mid_competition_equals_uninterrupted(tmp_path, corpus_dir):
     assert resumed == whole
     lines = lambda d: (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
     assert lines(tmp_path / "cut") == lines(tmp_path / "whole")
+    changed = {**cfg, "resume": True, "steps_per_epoch": 5}
+    with pytest.raises(ConfigError, match=r"^resume: steps_per_epoch: differs"):
+        compete.run(changed, tmp_path / "cut")
     a = torch.load(tmp_path / "whole" / "competition.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "competition.pt", weights_only=False)
     for x, y in zip(a["miners"], b["miners"], strict=True):
@@ -239,3 +242,11 @@ def test_fit_until_then_on_equals_one_fit(tmp_path):
     assert parts.step == whole.step == cfg.train.steps
     assert torch.equal(parts.group.global_param, whole.group.global_param)
     assert parts.last_eval == whole.last_eval
+
+
+def test_a_competition_logs_to_an_offline_wandb_run(tmp_path, corpus_dir):
+    cfg = node(corpus=corpus_dir)
+    cfg.update(epochs=1)
+    cfg["logger"]["mode"] = "offline"
+    compete.run(cfg, tmp_path)
+    assert any((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run written"
