@@ -122,12 +122,24 @@ def build_comm(cfg: Config, **extra: Any) -> tuple[Communicator, torch.device]:
     return comm, device
 
 
-def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: Corpus) -> Parts:
-    """Every other part of the run, from the config, around ``comm``."""
+def build_parts(
+    cfg: Config,
+    comm: Communicator,
+    device: torch.device,
+    corpus: Corpus,
+    model: torch.nn.Module | None = None,
+) -> Parts:
+    """Every other part of the run, from the config, around ``comm``.
+
+    ``model``: the initial model, built already (a pretrained one being fine-tuned,
+    :mod:`diloco.finetune`); None builds ``cfg.model`` for the corpus's vocabulary.
+    """
     check_corpus(cfg, corpus)
-    check_memory(cfg, corpus.vocab_size, len(comm.local_ids), device)  # before any allocation
+    local = len(comm.local_ids)
+    check_memory(cfg, corpus.vocab_size, local, device, model)  # before any allocation
     torch.manual_seed(cfg.seed)
-    model = build(cfg.model, "model", vocab_size=corpus.vocab_size, block_size=cfg.data.seq_len)
+    if model is None:
+        model = build(cfg.model, "model", vocab_size=corpus.vocab_size, block_size=cfg.data.seq_len)
     inner = build_optimizer(cfg.optimizer, "optimizer")
     try:
         group: Any = (
@@ -149,7 +161,9 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
     byzantine = attack.byzantine_mask(k)
     samplers: list[Any] = []
     for i in range(k):
-        sampler = ShardSampler(corpus.train, shards[i], cfg.train.batch_size, cfg.seed, i)
+        sampler = ShardSampler(
+            corpus.train, shards[i], cfg.train.batch_size, cfg.seed, i, corpus.train_labels
+        )
         if byzantine[i]:
             sampler = attack.corrupt_sampler(sampler, i, corpus.vocab_size, cfg.seed)
         samplers.append(sampler)
@@ -168,7 +182,9 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
     if cfg.validator is not None:
         # fresh batches from the whole training split (never the eval split), own stream
         every = torch.arange(len(corpus.train))
-        fresh = ShardSampler(corpus.train, every, cfg.train.batch_size, cfg.seed + 1, k)
+        fresh = ShardSampler(
+            corpus.train, every, cfg.train.batch_size, cfg.seed + 1, k, corpus.train_labels
+        )
         readers = byzantine & attack.reads_others
 
         def arrival(p: int) -> torch.Tensor:
@@ -192,8 +208,10 @@ def build_parts(cfg: Config, comm: Communicator, device: torch.device, corpus: C
         comm, cfg, attack, validator, round_of=lambda: progress.round
     )
 
-    held_out = corpus.eval[: cfg.train.eval_sequences].split(EVAL_BATCH)
-    eval_set = [to_device((s[:, :-1], s[:, 1:])) for s in held_out]
+    n_eval = cfg.train.eval_sequences
+    held_out = corpus.eval[:n_eval].split(EVAL_BATCH)
+    targets = corpus.eval_targets()[:n_eval].split(EVAL_BATCH)
+    eval_set = [to_device((s[:, :-1], t[:, 1:])) for s, t in zip(held_out, targets, strict=True)]
     profiles = worker_profiles(cfg.workers, cfg.seed)
     net = comm.cfg
     clock = SimClock(
@@ -270,22 +288,32 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(cfg: Config, vocab_size: int, local: int, device: torch.device) -> None:
+def check_memory(
+    cfg: Config,
+    vocab_size: int,
+    local: int,
+    device: torch.device,
+    model: torch.nn.Module | None = None,
+) -> None:
     """Refuse a run whose :func:`memory_estimate` exceeds the memory free on its device.
 
-    The model is built on the ``meta`` device to count its parameters (nothing allocated);
-    a model that cannot be built there is not checked.
+    ``model`` is counted when given; else ``cfg.model`` is built on the ``meta`` device to
+    count its parameters (nothing allocated), and a model that cannot be built there is not
+    checked.
     """
     free = available_memory(device)
     if free is None:
         return
-    try:
-        with torch.device("meta"):
-            model = build(cfg.model, "model", vocab_size=vocab_size, block_size=cfg.data.seq_len)
-    except ConfigError:
-        raise
-    except Exception:  # a model that needs real tensors to build
-        return
+    if model is None:
+        try:
+            with torch.device("meta"):
+                model = build(
+                    cfg.model, "model", vocab_size=vocab_size, block_size=cfg.data.seq_len
+                )
+        except ConfigError:
+            raise
+        except Exception:  # a model that needs real tensors to build
+            return
     states, logits = _memory_parts(cfg, model, vocab_size, local)
     need = states + logits
     if need > free:

@@ -5,7 +5,9 @@ files or of a hub dataset) -> token ids (UTF-8 bytes or a locally trained byte-l
 document followed by a separator (a blank line for bytes, ``<|endoftext|>`` for BPE) -> one stream
 cut into non-overlapping sequences of ``seq_len + 1`` tokens (stride ``seq_len + 1``, so train and
 eval share no token; the tail that fills no sequence is dropped) -> a fixed held-out eval set ->
-per-worker shards -> batches ``x = seq[:, :-1]``, ``y = seq[:, 1:]``.
+per-worker shards -> batches ``x = seq[:, :-1]``, ``y = seq[:, 1:]``. A corpus may carry its own
+targets (``train_labels``/``eval_labels``, the same shape as the sequences, -100 where no loss is
+taken, as :mod:`diloco.finetune` builds for prompt/response examples); then ``y = labels[:, 1:]``.
 
 The token stream (and the BPE tokenizer) are cached in ``data.cache_dir``, keyed by a hash of the
 sources (path, size and mtime of each file, or the hub name) and the tokenizer, so a warm start
@@ -113,6 +115,24 @@ class Corpus:
     vocab_size: int
     train_docs: torch.Tensor = field(repr=False)  # [N] int64 document of each train sequence
     tokenizer: Tokenizer = field(repr=False)
+    # targets when they are not the sequences themselves: [N] / [M] x (seq_len + 1) int64,
+    # -100 where no loss is taken; batches take y from them (None: y from the sequences)
+    train_labels: torch.Tensor | None = field(default=None, repr=False)
+    eval_labels: torch.Tensor | None = field(default=None, repr=False)
+
+    def eval_targets(self) -> torch.Tensor:
+        """What eval batches take ``y`` from: :attr:`eval_labels`, else the eval sequences."""
+        return self.eval if self.eval_labels is None else self.eval_labels
+
+
+class DocTokenizer(Tokenizer, Protocol):
+    """A tokenizer that tokenizes documents into one stream (:func:`_tokenize`)."""
+
+    separator: list[int]
+
+    def encode_docs(self, docs: Sequence[str]) -> Iterator[np.ndarray]:
+        """Token ids of each document."""
+        ...
 
 
 def default_corpus_path() -> str:
@@ -284,7 +304,7 @@ def _load_tokens(path: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
-def _tokenize(tok: ByteTokenizer | BPETokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize(tok: DocTokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One token stream (each document followed by the separator) and each document's start."""
     sep = np.asarray(tok.separator, dtype=np.int64)
     parts, starts, pos = [], [], 0
@@ -369,10 +389,19 @@ def _pack_and_split(
         )
     seqs = torch.from_numpy(tokens[: n * width].astype(np.int64)).view(n, width)
     docs = torch.from_numpy(np.searchsorted(doc_starts, np.arange(n) * width, side="right") - 1)
+    train_idx, eval_idx = holdout(n, eval_fraction)
+    return seqs[train_idx], seqs[eval_idx], docs[train_idx].long()
+
+
+def holdout(n: int, eval_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted train and eval indices of ``n >= 2`` items: a fixed random ``eval_fraction``.
+
+    The permutation is seeded with a constant, never the run seed, so every run holds out
+    the same items; both splits get at least one.
+    """
     n_eval = min(n - 1, max(1, round(eval_fraction * n)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(_EVAL_SEED))
-    train_idx, eval_idx = perm[n_eval:].sort().values, perm[:n_eval].sort().values
-    return seqs[train_idx], seqs[eval_idx], docs[train_idx].long()
+    return perm[n_eval:].sort().values, perm[:n_eval].sort().values
 
 
 def shard_indices(
@@ -443,7 +472,13 @@ class ShardSampler:
     """
 
     def __init__(
-        self, data: torch.Tensor, indices: torch.Tensor, batch_size: int, seed: int, worker_id: int
+        self,
+        data: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        worker_id: int,
+        labels: torch.Tensor | None = None,
     ) -> None:
         if len(indices) == 0:
             raise DataError(
@@ -452,6 +487,7 @@ class ShardSampler:
         if batch_size < 1:
             raise ConfigError("train.batch_size", f"got {batch_size}; must be >= 1")
         self.data, self.indices = data, indices.long()
+        self.labels = labels  # rows aligned with data: y comes from them (None: from data)
         self.batch_size, self.seed, self.worker_id = batch_size, seed, worker_id
         self.epoch = self.position = 0
         self._order: tuple[int, torch.Tensor] | None = None
@@ -467,7 +503,10 @@ class ShardSampler:
         return self._order[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch ``(x, y)``, both ``[batch_size, seq_len]`` int64, ``y`` shifted by one."""
+        """The next batch ``(x, y)``, both ``[batch_size, seq_len]`` int64, ``y`` shifted by one.
+
+        ``y`` comes from the sampler's ``labels`` when it has them (-100: no loss).
+        """
         picks, need = [], self.batch_size
         while need:
             take = self._epoch_order()[self.position : self.position + need]
@@ -476,8 +515,10 @@ class ShardSampler:
             self.position += len(take)
             if self.position == len(self.indices):
                 self.epoch, self.position = self.epoch + 1, 0
-        seqs = self.data[torch.cat(picks)]
-        self.recent.append((seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()))
+        rows = torch.cat(picks)
+        seqs = self.data[rows]
+        targets = seqs if self.labels is None else self.labels[rows]
+        self.recent.append((seqs[:, :-1].contiguous(), targets[:, 1:].contiguous()))
         return self.recent[-1]
 
     @property
@@ -516,6 +557,10 @@ def eval_batches(
     """The first ``max_batches * batch_size`` eval sequences, in order, as ``(x, y)`` batches.
 
     The same batches every call; the last one is smaller when the eval set runs out mid-batch.
+    ``y`` comes from the corpus's eval labels when it has them.
     """
-    seqs = corpus.eval[: batch_size * max_batches]
-    return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in seqs.split(batch_size)]
+    n = batch_size * max_batches
+    seqs, targets = corpus.eval[:n].split(batch_size), corpus.eval_targets()[:n].split(batch_size)
+    return [
+        (b[:, :-1].contiguous(), t[:, 1:].contiguous()) for b, t in zip(seqs, targets, strict=True)
+    ]
