@@ -332,7 +332,10 @@ def loss_at(group: WorkerGroup) -> Any:
 
     @torch.no_grad()
     def loss_at(flat: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Per-sequence mean token loss ``[B]`` of the global model with parameters ``flat``."""
+        """Per-sequence mean token loss ``[B]`` of the global model with parameters ``flat``.
+
+        Targets of -100 (masked prompt tokens and padding) are not counted.
+        """
         theta, model = group.global_param.data, group.global_model
         saved, was_training = theta.clone(), model.training
         theta.copy_(flat)
@@ -343,7 +346,9 @@ def loss_at(group: WorkerGroup) -> Any:
             ce = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), y.flatten(), reduction="none"
             )
-            out.append(ce.view(y.shape).mean(1).double())
+            counted = (y != -100).to(ce)
+            mean = (ce.view(y.shape) * counted).sum(1) / counted.sum(1).clamp_min(1)
+            out.append(mean.double())
         model.train(was_training)
         theta.copy_(saved)
         return torch.cat(out).cpu()

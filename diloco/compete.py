@@ -54,9 +54,16 @@ class Competition:
         corpus = load_corpus(cfgs[0].data)
         self.corpus = corpus
         self.trainers: list[Trainer] = []
-        for name, cfg, frac in zip(self.names, cfgs, fractions, strict=False):
-            comm, device = build_comm(cfg)
+        for i, (name, cfg, frac) in enumerate(zip(self.names, cfgs, fractions, strict=False)):
             mine = subset(corpus, frac, cfg.seed)
+            need = cfg.workers.count * cfg.train.batch_size
+            if len(mine.train) < need:
+                raise ConfigError(
+                    f"miners[{i}].data_fraction={frac}",
+                    f"{len(mine.train)} of {len(corpus.train)} training sequences; miner "
+                    f"{name} needs at least workers.count x train.batch_size = {need}",
+                )
+            comm, device = build_comm(cfg)
             self.trainers.append(Trainer(build_parts(cfg, comm, device, mine), run_dir / name))
         self.archs = [json.dumps([c.model, corpus.vocab_size], sort_keys=True) for c in cfgs]
         every = torch.arange(len(corpus.train))
@@ -68,6 +75,7 @@ class Competition:
         self.latest: dict[str, Submission] = {}
         self.history: list[Submission] = []
         self.rows: list[dict[str, Any]] = []
+        self.bytes = 0  # every new submission: uploaded once, downloaded by the validator
 
     # -- miners ---------------------------------------------------------------------------------
 
@@ -90,6 +98,7 @@ class Competition:
             return  # unchanged: the earlier submission (and its time) stands
         sub.time_s = self._flops(i) / self.cc.flops_per_s + self._upload_s(params)
         self.latest[name] = sub
+        self.bytes += 2 * 4 * params.numel()
 
     def _copy(self, j: int, leader: Submission) -> Submission:
         """Copier ``j``'s re-submission of ``leader`` (download, perhaps change, upload)."""
@@ -171,7 +180,7 @@ class Competition:
         ok = [lo.item() for lo, e in zip(losses.mean(1), eligible, strict=True) if e]
         row["best_loss"] = min(ok) if ok else float("nan")
         row["flops_total"] = sum(self._flops(i) for i in range(len(self.trainers)))
-        row["bytes_total"] = sum(2 * 4 * s.params.numel() for s in self.history + subs)
+        row["bytes_total"] = self.bytes
         return row
 
     # -- the competition ------------------------------------------------------------------------
@@ -200,6 +209,7 @@ class Competition:
                     leader = self.latest[leader.miner]
                     for j, c in enumerate(self.cc.copiers):
                         self.latest[c.name] = self._copy(j, leader)
+                        self.bytes += 3 * 4 * leader.params.numel()  # +1: its download
                 row = self._judge()
                 self.history = [
                     s for s in self.history if s.epoch > self.epoch - self.cc.detect.history
@@ -222,6 +232,7 @@ class Competition:
             "latest": {n: s.state_dict() for n, s in self.latest.items()},
             "history": [s.state_dict() for s in self.history],
             "rows": self.rows,
+            "bytes": self.bytes,
             "copy_data": [s.state_dict() for s in self.copy_data],
             "rng": checkpoint.rng_state(),
             "config": fingerprint(self.cc),
@@ -235,6 +246,7 @@ class Competition:
         self.latest = {n: Submission(**s) for n, s in state["latest"].items()}
         self.history = [Submission(**s) for s in state["history"]]
         self.rows = state["rows"]
+        self.bytes = state["bytes"]
         for sampler, s in zip(self.copy_data, state["copy_data"], strict=True):
             sampler.load_state_dict(s)
         checkpoint.set_rng_state(state["rng"])
@@ -249,44 +261,69 @@ class Competition:
         last = self.rows[-1]["miners"]
         out = {}
         held_out = {n: t.last_eval for n, t in zip(self.names, self.trainers, strict=False)}
+        params = {n: t.group.num_params for n, t in zip(self.names, self.trainers, strict=False)}
         for name in self.names:
             got = [r["miners"].get(name, {}) for r in self.rows]
             out[name] = {
                 "final_loss": last.get(name, {}).get("loss"),
                 "eval_loss": held_out.get(name),  # the fixed eval set of diloco.train
+                "params": params.get(name),
                 "reward": last.get(name, {}).get("reward", 0.0),
                 "mean_reward": sum(g.get("reward", 0.0) for g in got) / len(self.rows),
                 "flags": sorted({f for g in got for f in g.get("flags", [])}),
                 "copier": name in {c.name for c in self.cc.copiers},
             }
+        paid = [n for n in out if out[n]["reward"] > 0]  # none when every one was flagged
         best = min(
             (n for n in last if not last[n]["flags"]), key=lambda n: last[n]["loss"], default=None
         )
         return {
             "epochs": self.epoch, "miners": out,
-            "winner": max(out, key=lambda n: out[n]["reward"]), "best_miner": best,
+            "winner": max(paid, key=lambda n: out[n]["reward"]) if paid else None,
+            "best_miner": best,
             **{k: self.rows[-1][k] for k in ("best_loss", "flops_total", "bytes_total")},
             "reward_rule": dataclasses.asdict(self.cc.reward),
         }  # fmt: skip
 
 
 def fingerprint(cc: CompeteConfig) -> dict[str, Any]:
-    """The settings a resumed competition must share with the one it continues."""
+    """The settings a resumed competition must share with the one it continues.
+
+    ``epochs`` too: it sets every miner's ``train.steps``, hence its learning-rate schedule.
+    """
     keep = dataclasses.asdict(cc)
-    for key in ("resume", "epochs", "logger"):  # more epochs may follow
+    for key in ("resume", "logger"):
         keep.pop(key)
     return keep
 
 
+def first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The first dotted key (``miners[1].overrides``) where ``a`` and ``b`` differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                return f"{key}.{k}".lstrip(".")
+            found = first_difference(a[k], b[k], f"{key}.{k}")
+            if found is not None:
+                return found.lstrip(".")
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = first_difference(x, y, f"{key}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else key or "config"
+
+
 def check_resumable(state: dict[str, Any], cc: CompeteConfig, run_dir: Path) -> None:
     """A one-line error when ``state`` was written by a competition with other settings."""
-    saved, now = state.get("config", {}), fingerprint(cc)
-    if saved != now:
-        key = next(k for k in now if saved.get(k) != now[k])
+    key = first_difference(state.get("config", {}), fingerprint(cc))
+    if key is not None:
         raise ConfigError(
             f"resume: {key}",
-            f"differs from the competition checkpointed in {run_dir} ({saved.get(key)!r}); "
-            "resume with the same settings (epochs may grow)",
+            f"differs from the competition checkpointed in {run_dir}; resume with the same "
+            "settings (start a new hydra.run.dir for other ones)",
         )
 
 

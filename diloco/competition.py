@@ -13,7 +13,8 @@ leader's weights never pays. Submission ``i``'s win rate is its wins over the
 ``B * (S - 1)`` comparisons; the reward rule maps win rates to shares summing to 1:
 
 - ``winner_take_all``: the highest win rate takes everything (ties share);
-- ``softmax``: ``exp(w_i / T) / sum_j exp(w_j / T)`` (SN9: ``T = 0.01``, about 96% to the best);
+- ``softmax``: ``exp(w_i / T) / sum_j exp(w_j / T)`` (SN9: ``T = 0.01``: a lead of a few
+  points of win rate takes nearly everything);
 - ``proportional``: ``w_i / sum_j w_j``.
 
 Copies are flagged by content hash (an exact copy) and by relative weight distance
@@ -103,7 +104,7 @@ def win_rates(losses: torch.Tensor, times: torch.Tensor, margin: float) -> torch
 
 
 def rewards(rates: torch.Tensor, eligible: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
-    """Shares summing to 1 over the ``eligible`` submissions (zeros if none is eligible)."""
+    """Shares summing to 1 over the ``eligible`` submissions (all zero if none is eligible)."""
     out = torch.zeros_like(rates, dtype=torch.float64)
     if not bool(eligible.any()):
         return out
@@ -121,17 +122,26 @@ def rewards(rates: torch.Tensor, eligible: torch.Tensor, cfg: RewardConfig) -> t
 
 
 def copy_flags(sub: Submission, earlier: list[Submission], cfg: DetectConfig) -> list[str]:
-    """Why ``sub`` looks like a copy of an earlier submission by another miner (or ``[]``)."""
+    """Why ``sub`` looks like a copy of an earlier submission by another miner (or ``[]``).
+
+    The weights are credited to whoever had them first: ``sub`` is flagged when the earliest
+    submission it matches (by hash, or by distance) is another miner's. A miner whose next
+    model moves little from its own earlier one is not flagged by a copier that re-submitted
+    that earlier one in between.
+    """
     flags: list[str] = []
-    others = [e for e in earlier if e.miner != sub.miner and e.time_s < sub.time_s]
-    if cfg.hash and any(e.digest == sub.digest for e in others):
-        flags.append("copy:hash")
-    if cfg.distance > 0:
-        for e in others:
-            if e.arch != sub.arch or e.params.shape != sub.params.shape:
-                continue
-            gap = (sub.params - e.params).norm() / e.params.norm().clamp_min(1e-12)
-            if gap.item() < cfg.distance:
-                flags.append("copy:distance")
-                break
+    for how in ("copy:hash", "copy:distance"):
+        matches = [e for e in earlier if e.time_s < sub.time_s and _same(sub, e, how, cfg)]
+        if matches and min(matches, key=lambda e: e.time_s).miner != sub.miner:
+            flags.append(how)
     return flags
+
+
+def _same(a: Submission, b: Submission, how: str, cfg: DetectConfig) -> bool:
+    """Whether ``a`` and ``b`` match by hash, or by relative weight distance to ``b``."""
+    if how == "copy:hash":
+        return cfg.hash and a.digest == b.digest
+    if cfg.distance <= 0 or a.arch != b.arch or a.params.shape != b.params.shape:
+        return False
+    gap = (a.params - b.params).norm() / b.params.norm().clamp_min(1e-12)
+    return gap.item() < cfg.distance

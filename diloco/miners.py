@@ -124,6 +124,8 @@ def miner_configs(cc: CompeteConfig) -> tuple[list[str], list[Config], list[floa
             raise ConfigError(key, str(err)) from None
         if not str(cfg.comm.get("_target_", "")).endswith("InProcessComm"):
             raise ConfigError(key, "miners train in this process: comm=inprocess")
+        if cfg.sync.get("_target_") != "diloco.sync.All":
+            raise ConfigError(key, "a miner submits after whole epochs of rounds: sync=all")
         h = int(cfg.algorithm.get("inner_steps", 1))
         if cc.steps_per_epoch % h:
             raise ConfigError(

@@ -26,7 +26,7 @@ from tests.helpers import REPO, make_config, synthetic_corpus
 
 MINERS = [
     {"name": "a"},
-    {"name": "hi_lr", "overrides": ["optimizer.lr=3e-3"]},
+    {"name": "hi_lr", "overrides": ["optimizer.lr=1e-2"]},
     {"name": "wide", "overrides": ["model.hidden=64"]},
 ]
 
@@ -122,6 +122,21 @@ def test_exact_and_noised_copies_are_flagged():
     assert copy_flags(exact, [orig], DetectConfig(hash=False, distance=0.0)) == []
 
 
+def test_a_copier_cannot_get_the_leader_it_copied_flagged():
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(1000, generator=g)
+    w1 = w0 + 1e-3 * torch.randn(1000, generator=g)  # the leader's next model moved little
+    first = Submission("leader", 0, 1.0, w0, "gpt")
+    copy0 = Submission("copier", 0, 2.0, w0.clone(), "gpt")
+    second = Submission("leader", 1, 3.0, w1, "gpt")
+    copy1 = Submission("copier", 1, 4.0, w1.clone(), "gpt")
+    cfg = DetectConfig()
+    assert copy_flags(second, [first, copy0], cfg) == []  # credited to its first version
+    assert copy_flags(copy0, [first], cfg) == ["copy:hash", "copy:distance"]
+    assert copy_flags(copy1, [first, copy0, second], cfg) == ["copy:hash", "copy:distance"]
+    assert copy_flags(copy1, [second], cfg) == ["copy:hash", "copy:distance"]
+
+
 # -- whole competitions -----------------------------------------------------------------------
 
 
@@ -144,6 +159,13 @@ def test_a_competition_rewards_sum_to_one_and_catches_copiers(tmp_path, corpus_d
     assert m["exact"]["eval_loss"] is None
     assert sum(v["reward"] for v in m.values()) == pytest.approx(1.0)
     assert summary["best_loss"] == min(m[n]["final_loss"] for n in ("a", "hi_lr", "wide"))
+    size = {n: v["params"] for n, v in m.items() if not v["copier"]}
+    total, expected = 0, []  # a submission: uploaded, downloaded by the validator (+1: copy)
+    for r in torch.load(tmp_path / "competition.pt", weights_only=False)["rows"]:
+        for name, got in r["miners"].items():
+            total += 3 * 4 * size[got["source"]] if got["source"] else 2 * 4 * size[name]
+        expected.append(total)
+    assert [r["comm/bytes_total"] for r in rows] == expected
     assert (tmp_path / "competition.png").stat().st_size > 0
     assert (tmp_path / "a" / "metrics.jsonl").exists()  # each miner's own training log
 
@@ -177,9 +199,13 @@ def test_resume_mid_competition_equals_uninterrupted(tmp_path, corpus_dir):
     assert resumed == whole
     lines = lambda d: (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
     assert lines(tmp_path / "cut") == lines(tmp_path / "whole")
-    changed = {**cfg, "resume": True, "steps_per_epoch": 5}
-    with pytest.raises(ConfigError, match=r"^resume: steps_per_epoch: differs"):
-        compete.run(changed, tmp_path / "cut")
+    for change, key in (({"steps_per_epoch": 5}, "steps_per_epoch"), ({"epochs": 4}, "epochs")):
+        with pytest.raises(ConfigError, match=rf"^resume: {key}: differs"):
+            compete.run({**cfg, "resume": True, **change}, tmp_path / "cut")
+    other = [dict(m) for m in cfg["miners"]]
+    other[1]["overrides"] = ["optimizer.lr=2e-3"]
+    with pytest.raises(ConfigError, match=r"^resume: miners\[1\].overrides\[0\]: differs"):
+        compete.run({**cfg, "resume": True, "miners": other}, tmp_path / "cut")
     a = torch.load(tmp_path / "whole" / "competition.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "competition.pt", weights_only=False)
     for x, y in zip(a["miners"], b["miners"], strict=True):
@@ -214,6 +240,12 @@ def test_bad_miner_overrides_are_one_line_errors(tmp_path):
         compete.run(cfg, tmp_path)
     cfg["miners"] = [{"name": "a"}, {"name": "b", "overrides": ["data.seq_len=16"]}]
     with pytest.raises(ConfigError, match="data.* must be the same"):
+        compete.run(cfg, tmp_path)
+    cfg["miners"] = [{"name": "a"}, {"name": "b", "overrides": ["sync=deadline"]}]
+    with pytest.raises(ConfigError, match=r"^miners\[1\].overrides: .*sync=all"):
+        compete.run(cfg, tmp_path)
+    cfg["miners"] = [{"name": "a"}, {"name": "b", "data_fraction": 1e-6}]
+    with pytest.raises(ConfigError, match=r"^miners\[1\].data_fraction=1e-06: 1 of \d+ train"):
         compete.run(cfg, tmp_path)
 
 

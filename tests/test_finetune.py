@@ -17,7 +17,7 @@ import transformers
 from omegaconf import OmegaConf
 
 from diloco import api
-from diloco.build import EVAL_BATCH
+from diloco.build import EVAL_BATCH, loss_at
 from diloco.compose import compose
 from diloco.config import ConfigError, build_optimizer
 from diloco.data import DataError, ShardSampler, eval_batches
@@ -194,6 +194,13 @@ def test_loss_counts_response_tokens_only(assets):
     assert 0 < keep.sum() < keep.numel() / 3
     assert loss.item() == pytest.approx(ce[keep].mean().item(), rel=1e-6)
     assert abs(loss.item() - everything.item()) > 1e-3
+    # the validators' per-sequence scorer counts the same targets
+    sgd = build_optimizer({"_target_": "torch.optim.SGD", "lr": 0.1}, "optimizer")
+    group = WorkerGroup(model, [0], sgd)
+    per_seq = loss_at(group)(group.global_param.data.clone(), (x, y))
+    counted = (y != IGNORE).sum(1)
+    by_hand = (ce.view(y.shape) * (y != IGNORE)).sum(1) / counted
+    assert torch.allclose(per_seq, by_hand.double(), rtol=1e-5)
 
 
 def test_plain_text_is_packed_with_eos_between_documents(assets, tmp_path):
@@ -295,3 +302,5 @@ def test_finetune_our_own_run_dir(assets, tmp_path, corpus_dir):
     corpus = corpus_of(argv)  # the run's byte tokenizer
     assert corpus.vocab_size == 256
     assert held_out_loss(model, corpus) == pytest.approx(summary["final_eval_loss"], abs=1e-6)
+    with pytest.raises(ConfigError, match=r"^model.path=.*: a model that diloco.finetune saved"):
+        corpus_of([*argv, f"model.path={saved}"])

@@ -35,7 +35,7 @@ from torch import nn
 
 from diloco import checkpoint
 from diloco.config import Config, ConfigError, build, parse
-from diloco.data import DocTokenizer, load_corpus
+from diloco.data import DataError, DocTokenizer, load_corpus
 from diloco.finetune.config import LoraOptions
 from diloco.models.gpt import GPT, lm_loss
 
@@ -170,6 +170,13 @@ def open_source(path: str) -> HFSource | RunSource:
     if not folder.is_dir():
         raise ConfigError(key, f"not a folder; {hint}")
     if (folder / "config.json").is_file():
+        ours = _json(folder / "config.json").get("model", {})
+        if (folder / "model.safetensors").is_file() and "_target_" in ours:
+            raise ConfigError(
+                key,
+                "a model that diloco.finetune saved from a diloco.train run: load it with "
+                "diloco.finetune.models.load_saved; to fine-tune further, pass that run's dir",
+            )
         return HFSource(folder, key)
     if (folder / ".hydra" / "config.yaml").is_file():
         return RunSource(folder, key)
@@ -272,11 +279,11 @@ class RunSource:
             raise ConfigError(key, f".hydra/config.yaml: {err}") from None
         found = [folder / checkpoint.FILENAME, checkpoint.path_for(folder, 0, 2)]
         self.checkpoint = next((p for p in found if p.is_file()), None)
-        if self.checkpoint is None or self.cfg.workers.ranks_per_worker > 1:
+        if self.cfg.workers.ranks_per_worker > 1:
+            raise ConfigError(key, "a run whose workers span ranks (islands) is not supported")
+        if self.checkpoint is None:
             raise ConfigError(
-                key,
-                f"a diloco.train run dir without {checkpoint.FILENAME} (train it with "
-                "checkpoint.every>0; runs whose workers span ranks are not supported)",
+                key, f"a diloco.train run dir without {checkpoint.FILENAME} (checkpoint.every>0)"
             )
         self.positions: int | None = self.cfg.data.seq_len
         self.prefix: list[int] = []
@@ -284,7 +291,10 @@ class RunSource:
         self._vocab: int | None = None
 
     def _corpus(self) -> None:
-        corpus = load_corpus(self.cfg.data)  # the run's own data: its tokenizer
+        try:
+            corpus = load_corpus(self.cfg.data)  # the run's own data: its tokenizer
+        except DataError as err:
+            raise DataError(f"{self.key}: its run's data (for the tokenizer): {err}") from None
         self._tokenizer = corpus.tokenizer  # type: ignore[assignment]
         self._vocab = corpus.vocab_size
 
@@ -392,6 +402,15 @@ class HFTokenizer:
 
 
 _CAUSAL = ("ForCausalLM", "LMHeadModel")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` ({} when it is not one)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _first(err: BaseException) -> str:
