@@ -282,3 +282,20 @@ def test_a_competition_logs_to_an_offline_wandb_run(tmp_path, corpus_dir):
     cfg["logger"]["mode"] = "offline"
     compete.run(cfg, tmp_path)
     assert any((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run written"
+
+
+def test_the_equal_compute_comparison_runs_and_reports(tmp_path):
+    out = tmp_path / "report" / "nk"
+    cmd = [sys.executable, "experiments/network_kinds.py", "--seeds", "0", "--steps", "60",
+           "--epochs", "2", "--runs", str(tmp_path / "runs"), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = out.with_suffix(".md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 5  # the header, DDP, DiLoCo, DiLoCo with a copier, the competition
+    runs = [json.loads(line) for line in out.with_name("nk_runs.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in runs} == {"ddp", "diloco", "diloco+copier", "competition"}
+    by = {r["method"]: r for r in runs}
+    assert by["competition"]["copier_flagged"] and by["competition"]["copier_reward"] < 0.01
+    assert by["ddp"]["bytes"] > by["diloco"]["bytes"]
+    assert out.with_suffix(".png").stat().st_size > 0
