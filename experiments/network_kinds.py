@@ -123,10 +123,10 @@ def runs(root: Path, seed: int, steps: int | None, epochs: int) -> list[dict[str
     return rows
 
 
-def stat(values: list[float]) -> str:
+def stat(values: list[float], fmt: str = ".4f") -> str:
     """``mean ± std`` (std over seeds; 0 for one seed)."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+    return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
 
 
 def report(rows: list[dict[str, Any]], out: Path, cmd: str, note: str) -> str:
@@ -147,7 +147,7 @@ def report(rows: list[dict[str, Any]], out: Path, cmd: str, note: str) -> str:
         if method == "competition":
             best = stat([r["best_of_k"] for r in rs])
             gets = (
-                f"mean reward share {stat([r['copier_reward'] for r in rs])}; flagged "
+                f"mean reward share {stat([r['copier_reward'] for r in rs], '.1e')}; flagged "
                 f"as a copy in {sum(r['copier_flagged'] for r in rs)}/{len(rs)} seeds"
             )
             lines.append(
@@ -221,8 +221,9 @@ def main() -> None:
     note = (
         f"K = {len(LRS)}; the claims regime (conf/experiment/claims/base.yaml), every network "
         "the same tokens. DDP lr 0.012, DiLoCo lr 0.003 / outer lr 0.8 (H = 30), as tuned by "
-        f"the claims suite; the competition's miners at lrs {LRS}, one model each. "
-        + ddp_validator_note(root)
+        f"the claims suite; the competition's miners at lrs {LRS}, one model each. Its "
+        "copiers are flagged but not excluded (detect.exclude=false): their reward is what "
+        "the time-priority margin alone leaves them. " + ddp_validator_note(root)
     )
     text = report(rows, out, cmd, note)
     out.with_suffix(".md").write_text(text)
