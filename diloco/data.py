@@ -126,7 +126,7 @@ class Corpus:
 
 
 class DocTokenizer(Tokenizer, Protocol):
-    """A tokenizer that tokenizes documents into one stream (:func:`_tokenize`)."""
+    """A tokenizer that tokenizes documents into one stream (:func:`tokenize_docs`)."""
 
     separator: list[int]
 
@@ -157,7 +157,7 @@ def _suffix(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
-def _local_files(path: str) -> list[str] | None:
+def local_files(path: str) -> list[str] | None:
     """Files named by ``path`` (a file, folder or glob); None when it is a hub dataset name."""
     p = os.path.expanduser(path)
     if any(c in p for c in "*?["):
@@ -304,7 +304,7 @@ def _load_tokens(path: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
-def _tokenize(tok: DocTokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_docs(tok: DocTokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One token stream (each document followed by the separator) and each document's start."""
     sep = np.asarray(tok.separator, dtype=np.int64)
     parts, starts, pos = [], [], 0
@@ -332,7 +332,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         DataError: When the data is missing, unreadable or too small.
     """
     start = time.perf_counter()
-    files = _local_files(cfg.path) if cfg.path else _default_files()
+    files = local_files(cfg.path) if cfg.path else _default_files()
     cache = os.path.expanduser(cfg.cache_dir)
     try:
         os.makedirs(cache, exist_ok=True)
@@ -359,10 +359,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     stream = _load_tokens(tokens_path)
     cached = stream is not None
     if stream is None:
-        stream = _tokenize(tok, documents())
+        stream = tokenize_docs(tok, documents())
         _publish(tokens_path, lambda fh: np.savez(fh, tokens=stream[0], doc_starts=stream[1]))
     tokens, doc_starts = stream
-    train, eval_, train_docs = _pack_and_split(tokens, doc_starts, cfg.seq_len, cfg.eval_fraction)
+    train, eval_, train_docs = pack_and_split(tokens, doc_starts, cfg.seq_len, cfg.eval_fraction)
     how = "from cache" if cached else "tokenized"
     log.info(
         "corpus: %d tokens, %d docs -> %d train / %d eval sequences (%s in %.2fs)",
@@ -373,7 +373,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(train, eval_, vocab_size, train_docs, tok)
 
 
-def _pack_and_split(
+def pack_and_split(
     tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, eval_fraction: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut the stream into sequences, then hold out a fixed random ``eval_fraction`` of them.

@@ -33,10 +33,10 @@ from diloco.data import (
     Corpus,
     DataError,
     DocTokenizer,
-    _local_files,
-    _pack_and_split,
-    _tokenize,
     holdout,
+    local_files,
+    pack_and_split,
+    tokenize_docs,
 )
 from diloco.finetune.config import Fields
 
@@ -55,7 +55,7 @@ def read(cfg: DataConfig, fields: Fields) -> list[str] | list[Example]:
             is not a JSON object or lacks a field, no data at all.
     """
     assert cfg.path is not None
-    files = _local_files(cfg.path)
+    files = local_files(cfg.path)
     if files is None:
         raise DataError(f"data.path={cfg.path}: does not exist; point it at .txt or .jsonl files")
     for f in files:
@@ -136,8 +136,8 @@ def build_corpus(
     if data and isinstance(data[0], tuple):
         corpus = _examples(cast(list[Example], data), cfg, tok, vocab_size, prefix, pad)
     else:
-        tokens, starts = _tokenize(tok, cast(list[str], data))
-        train, eval_, docs = _pack_and_split(tokens, starts, cfg.seq_len, cfg.eval_fraction)
+        tokens, starts = tokenize_docs(tok, cast(list[str], data))
+        train, eval_, docs = pack_and_split(tokens, starts, cfg.seq_len, cfg.eval_fraction)
         corpus = Corpus(train, eval_, vocab_size, docs, tok)
     top = int(max(corpus.train.max(), corpus.eval.max()))
     if top >= vocab_size:

@@ -376,7 +376,7 @@ def load_saved(folder: str | Path) -> nn.Module:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer as :func:`diloco.data._tokenize` uses one (eos after a text)."""
+    """A Hugging Face tokenizer as :func:`diloco.data.tokenize_docs` uses one (eos after a text)."""
 
     def __init__(self, tok: Any, vocab_size: int) -> None:
         self._tok: Any = tok
