@@ -346,6 +346,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     names = sorted({n for r in rows for n in r["miners"]})
@@ -358,6 +359,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, (x, y) in zip(axes, labels, strict=True):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
+    for ax in axes[:2]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set_xscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
