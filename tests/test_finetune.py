@@ -144,6 +144,22 @@ def test_diloco_two_workers_full_and_lora_exchanging_only_the_adapter(assets, tm
     assert loss == pytest.approx(lora["final_eval_loss"], abs=1e-6)
 
 
+def test_demo_two_workers_fine_tune_through_the_same_trainer(assets, tmp_path):
+    argv = args(
+        assets,
+        *EXAMPLES,
+        "algorithm=demo",
+        "workers.count=2",
+        "train.steps=30",
+        "optimizer.lr=3e-3",
+    )
+    s = finetune(tmp_path / "demo", argv)
+    assert s["algorithm"] == "demo" and s["workers"] == 2 and s["steps"] == 30
+    assert s["final_eval_loss"] < s["eval_loss_before"] - 1.0, s
+    assert 0 < s["comm_bytes_per_worker"] < 30 * 4 * s["params"]  # compressed, every step
+    assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+
+
 def test_lora_workers_share_one_frozen_base_and_hold_only_the_adapters(assets):
     model = open_source(str(assets / "hf")).load(LoraOptions(r=4), 0, torch.device("cpu"))
     base = dict(model.named_buffers(remove_duplicate=False))
