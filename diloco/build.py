@@ -28,7 +28,7 @@ from diloco.adversary.validator import arrival_times
 from diloco.clock import SimClock
 from diloco.comm.base import Communicator
 from diloco.config import Config, ConfigError, build, build_optimizer
-from diloco.data import Corpus, ShardSampler, shard_indices
+from diloco.data import IGNORE_INDEX, Corpus, ShardSampler, shard_indices
 from diloco.exchange.pipeline import ExchangePipeline
 from diloco.faults import Faults
 from diloco.island_engines import check_engine
@@ -346,7 +346,7 @@ def loss_at(group: WorkerGroup) -> Any:
             ce = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), y.flatten(), reduction="none"
             )
-            counted = (y != -100).to(ce)
+            counted = (y != IGNORE_INDEX).to(ce)
             mean = (ce.view(y.shape) * counted).sum(1) / counted.sum(1).clamp_min(1)
             out.append(mean.double())
         model.train(was_training)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diloco import checkpoint
 from diloco import metrics as M
-from diloco.build import EVAL_BATCH, build_comm, build_parts, loss_at
+from diloco.build import build_comm, build_parts, loss_at
 from diloco.competition import Submission, copy_flags, rewards, win_rates
 from diloco.compose import CONF_DIR, one_line, run_cli
 from diloco.config import ConfigError, from_dict
@@ -149,16 +149,9 @@ class Competition:
     def _losses(self, sub: Submission, seqs: torch.Tensor) -> torch.Tensor:
         """``[eval_batches]`` mean token loss of ``sub`` on each batch."""
         t = self.trainers[self.archs.index(sub.arch)]
-        score = loss_at(t.group)
-        out = []
-        for b in seqs.split(self.cc.eval_batch_size):
-            x, y = b[:, :-1].to(t.device), b[:, 1:].to(t.device)
-            per_seq = torch.cat(
-                [score(sub.params.to(t.device), (xs, ys))
-                 for xs, ys in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH), strict=True)]
-            )  # fmt: skip
-            out.append(per_seq.mean())
-        return torch.stack(out)
+        x, y = seqs[:, :-1].to(t.device), seqs[:, 1:].to(t.device)
+        per_seq = loss_at(t.group)(sub.params.to(t.device), (x, y))  # one swap of the weights
+        return per_seq.view(self.cc.eval_batches, self.cc.eval_batch_size).mean(1)
 
     def _judge(self) -> dict[str, Any]:
         """Score this epoch's submissions: losses, flags, win rates, rewards; one row."""
@@ -185,14 +178,13 @@ class Competition:
 
     # -- the competition ------------------------------------------------------------------------
 
-    def _leader(self) -> Submission | None:
-        """The current submission of the miner best rewarded at the last evaluation."""
+    def _leader(self) -> str | None:
+        """The miner best rewarded at the last evaluation (a copier's source, if it led)."""
         if not self.rows:
             return None
         last = self.rows[-1]["miners"]
         name = max(last, key=lambda n: (last[n]["reward"], -last[n]["loss"]))
-        source = self.latest[name].source or name  # a copier leading: its source's model
-        return self.latest.get(source)
+        return last[name]["source"] or name
 
     def run(self, logger: M.Logger, on_epoch: Callable[[int], None] | None = None) -> None:
         """Every remaining epoch; ``on_epoch(epoch)`` after each one's checkpoint."""
@@ -206,10 +198,10 @@ class Competition:
                 for i in range(len(self.trainers)):
                     self._train_and_submit(i, miner_logs[i])
                 if leader is not None:  # copiers copy what the last winner submitted now
-                    leader = self.latest[leader.miner]
+                    copied = self.latest[leader]
                     for j, c in enumerate(self.cc.copiers):
-                        self.latest[c.name] = self._copy(j, leader)
-                        self.bytes += 3 * 4 * leader.params.numel()  # +1: its download
+                        self.latest[c.name] = self._copy(j, copied)
+                        self.bytes += 3 * 4 * copied.params.numel()  # +1: its download
                 row = self._judge()
                 self.history = [
                     s for s in self.history if s.epoch > self.epoch - self.cc.detect.history

@@ -53,7 +53,11 @@ class DetectConfig:
 
 @dataclass
 class Submission:
-    """One miner's checkpoint as the validator sees it (``source``: ground truth, not used)."""
+    """One miner's checkpoint as the validator sees it.
+
+    ``source``: the miner a copier copied; never used by the validator's scoring (copiers
+    use it to find the model behind a copier that led).
+    """
 
     miner: str
     epoch: int
@@ -61,7 +65,7 @@ class Submission:
     params: torch.Tensor  # flat fp32 weights (CPU)
     arch: str  # architecture key: only the same architecture is compared by distance
     digest: str = ""
-    source: str | None = None  # the miner a copier copied (for reports only)
+    source: str | None = None
 
     def __post_init__(self) -> None:
         if not self.digest:

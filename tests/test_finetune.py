@@ -20,9 +20,8 @@ from diloco import api
 from diloco.build import EVAL_BATCH, loss_at
 from diloco.compose import compose
 from diloco.config import ConfigError, build_optimizer
-from diloco.data import DataError, ShardSampler, eval_batches
+from diloco.data import IGNORE_INDEX, DataError, ShardSampler, eval_batches
 from diloco.finetune.config import LoraOptions
-from diloco.finetune.data import IGNORE
 from diloco.finetune.models import CausalLM, load_saved, open_source
 from diloco.finetune.run import prepare, run
 from diloco.workers import WorkerGroup
@@ -189,12 +188,12 @@ def test_loss_counts_response_tokens_only(assets):
         text = tok.decode(seq.tolist())
         prompt = text[: text.index(" comes") + len(" comes")]
         n_prompt = len(tok(prompt)["input_ids"])
-        assert (labels[:n_prompt] == IGNORE).all()  # the prompt takes no loss
-        kept = labels[labels != IGNORE].tolist()
+        assert (labels[:n_prompt] == IGNORE_INDEX).all()  # the prompt takes no loss
+        kept = labels[labels != IGNORE_INDEX].tolist()
         assert tok.decode(kept[:-1]) == f" {LETTERS[LETTERS.index(prompt[6]) + 1]}"
         assert kept[-1] == eos  # the response ends with eos, which is learned too
         n_kept = n_prompt + len(kept)
-        assert (labels[n_kept:] == IGNORE).all() and (seq[n_kept:] == eos).all()  # padding
+        assert (labels[n_kept:] == IGNORE_INDEX).all() and (seq[n_kept:] == eos).all()  # padding
     # batches take their targets from the labels, inputs from the sequences
     x, y = ShardSampler(corpus.train, torch.arange(8), 8, 0, 0, corpus.train_labels).next_batch()
     for xb, yb in zip(x, y, strict=True):  # the rows come shuffled
@@ -205,7 +204,7 @@ def test_loss_counts_response_tokens_only(assets):
     with torch.no_grad():
         logits, loss = model(x, y)
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        keep = y.flatten() != IGNORE
+        keep = y.flatten() != IGNORE_INDEX
         everything = F.cross_entropy(logits.flatten(0, 1), corpus.train[:8, 1:].flatten())
     assert 0 < keep.sum() < keep.numel() / 3
     assert loss.item() == pytest.approx(ce[keep].mean().item(), rel=1e-6)
@@ -214,8 +213,8 @@ def test_loss_counts_response_tokens_only(assets):
     sgd = build_optimizer({"_target_": "torch.optim.SGD", "lr": 0.1}, "optimizer")
     group = WorkerGroup(model, [0], sgd)
     per_seq = loss_at(group)(group.global_param.data.clone(), (x, y))
-    counted = (y != IGNORE).sum(1)
-    by_hand = (ce.view(y.shape) * (y != IGNORE)).sum(1) / counted
+    counted = (y != IGNORE_INDEX).sum(1)
+    by_hand = (ce.view(y.shape) * (y != IGNORE_INDEX)).sum(1) / counted
     assert torch.allclose(per_seq, by_hand.double(), rtol=1e-5)
 
 

@@ -30,6 +30,7 @@ import torch
 
 from diloco.config import DataConfig
 from diloco.data import (
+    IGNORE_INDEX,
     Corpus,
     DataError,
     DocTokenizer,
@@ -41,7 +42,6 @@ from diloco.data import (
 from diloco.finetune.config import Fields
 
 log = logging.getLogger(__name__)
-IGNORE = -100  # the target of a token that takes no loss (lm_loss's ignore_index)
 _SUFFIXES = (".txt", ".jsonl")
 
 Example = tuple[str, str]
@@ -165,12 +165,12 @@ def _examples(
         head = [*prefix, *p.tolist()]
         tail = [*r.tolist(), *tok.separator]
         ids = (head + tail)[:width]
-        target = ([IGNORE] * len(head) + tail)[:width]
-        if all(t == IGNORE for t in target[1:]):
+        target = ([IGNORE_INDEX] * len(head) + tail)[:width]
+        if all(t == IGNORE_INDEX for t in target[1:]):
             continue  # the response is truncated away: nothing to learn from it
         fill = width - len(ids)
         seqs.append(ids + [pad] * fill)
-        labels.append(target + [IGNORE] * fill)
+        labels.append(target + [IGNORE_INDEX] * fill)
     dropped = len(pairs) - len(seqs)
     if dropped:
         log.warning(

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -287,32 +288,25 @@ class RunSource:
             )
         self.positions: int | None = self.cfg.data.seq_len
         self.prefix: list[int] = []
-        self._tokenizer: DocTokenizer | None = None
-        self._vocab: int | None = None
 
-    def _corpus(self) -> None:
+    @functools.cached_property
+    def _tokens(self) -> tuple[DocTokenizer, int]:
+        """The run's tokenizer and vocabulary, from its own corpus (loaded once, not kept)."""
         try:
-            corpus = load_corpus(self.cfg.data)  # the run's own data: its tokenizer
+            corpus = load_corpus(self.cfg.data)
         except DataError as err:
             raise DataError(f"{self.key}: its run's data (for the tokenizer): {err}") from None
-        self._tokenizer = corpus.tokenizer  # type: ignore[assignment]
-        self._vocab = corpus.vocab_size
+        return cast(DocTokenizer, corpus.tokenizer), corpus.vocab_size
 
     @property
     def tokenizer(self) -> DocTokenizer:
-        """The run's data tokenizer (bytes or its BPE); loads the run's corpus once."""
-        if self._tokenizer is None:
-            self._corpus()
-        assert self._tokenizer is not None
-        return self._tokenizer
+        """The run's data tokenizer (bytes or its BPE)."""
+        return self._tokens[0]
 
     @property
     def vocab_size(self) -> int:
         """The model's vocabulary (the run's)."""
-        if self._vocab is None:
-            self._corpus()
-        assert self._vocab is not None
-        return self._vocab
+        return self._tokens[1]
 
     @property
     def pad(self) -> int:
