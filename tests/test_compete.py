@@ -260,10 +260,13 @@ def test_the_cli_reports_a_bad_value_in_one_line(tmp_path):
     ]
 
 
-def test_fit_until_then_on_equals_one_fit(tmp_path):
+@pytest.mark.parametrize("model", ["mlp", "gpt"])  # the debug model and the default GPT
+def test_fit_until_then_on_equals_one_fit(tmp_path, model):
     cfg = make_config(
-        "experiment=debug", "algorithm=diloco", "algorithm.inner_steps=5", "workers.count=2"
-    )
+        "experiment=debug", f"model={model}", "algorithm=diloco", "algorithm.inner_steps=5",
+        "workers.count=2",
+    )  # fmt: skip
+    assert cfg.model["_target_"].endswith("GPT" if model == "gpt" else "TinyMLP")
     corpus = synthetic_corpus(seq_len=32)
     whole = Trainer.from_config(cfg, tmp_path / "whole", corpus)
     whole.fit()
